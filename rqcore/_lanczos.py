@@ -1,0 +1,222 @@
+"""Thick-restart block Lanczos for the extreme eigenpairs of a symmetric operator (reduced problem).
+
+The driver sees only ``op(Y)`` for (d, b) blocks ``Y``: ``C Y`` with ``C = L⁻¹AL⁻ᵀ``, or a spectral
+transformation of it. Each step is BLAS-3:
+
+* one product with the operator on a block of ``b`` columns;
+* block classical Gram-Schmidt, twice ("twice is enough"), against the whole basis: two GEMMs
+  ``Vᵀ W`` and ``V G`` per pass, which keeps the basis orthonormal to working precision (full
+  reorthogonalization; the basis is at most a few hundred columns, so this is cheap next to ``op``);
+* a Householder QR of the (d, b) remainder (deflated columns are replaced by random directions).
+
+The projected matrix ``H = Vᵀ C V`` is assembled from the Gram-Schmidt coefficients (no extra product),
+the residual of each Ritz pair is ``‖Qᵀ C V s‖`` with ``Q`` the next block (``C V ⊂ span[V, Q]``), and a
+restart keeps the wanted Ritz vectors plus a margin together with the next block (thick restart:
+the kept space plus ``Q`` spans the same Krylov information, so nothing is lost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+from numpy.typing import NDArray
+
+from rqcore._eigen_kernels import column_norms, convergence_mask
+
+FloatArray = NDArray[np.floating[Any]]
+
+
+@dataclass
+class KrylovResult:
+    """Ritz pairs of the wanted end with their residual estimates ``‖C y − θ y‖``."""
+
+    theta: NDArray[np.float64]
+    Y: FloatArray
+    estimates: NDArray[np.float64]
+    iterations: int
+    converged: bool
+    n_converged: int
+    V: FloatArray | None = None  # L⁻ᵀ Y when the operator reports it (saves the back-transform)
+
+
+def _orthonormalize_against(
+    V: FloatArray, Z: FloatArray, rng: np.random.Generator, scale: float
+) -> FloatArray:
+    """Orthonormal basis of ``(I − VVᵀ) Z`` (``Z`` already projected once or twice).
+
+    Columns that vanish (the Krylov space became invariant, or repeated eigenvalues outnumber the block)
+    are replaced by random directions, which is what lets a block method find every copy of a repeated
+    eigenvalue.
+    """
+    Q, R = np.linalg.qr(Z)
+    diag = np.abs(np.diag(R))
+    eps = float(np.finfo(Z.dtype).eps)
+    tiny = diag <= 1e3 * eps * max(scale, float(np.finfo(np.float64).tiny))
+    if tiny.any() or (diag.size and diag.min() < 1e-4 * max(float(diag.max()), scale)):
+        if tiny.any():
+            Q[:, tiny] = rng.standard_normal((Q.shape[0], int(tiny.sum()))).astype(Q.dtype)
+        for _ in range(2):  # cancellation: project again, then re-normalize
+            if V.shape[1]:
+                Q -= V @ (V.T @ Q)
+            Q, _ = np.linalg.qr(Q)
+    return Q
+
+
+def block_lanczos(
+    op: Callable[[FloatArray], FloatArray],
+    d: int,
+    nwant: int,
+    *,
+    largest: bool,
+    block: int,
+    maxbasis: int,
+    thresholds: Callable[[NDArray[np.float64], NDArray[np.float64] | None], NDArray[np.float64]],
+    maxiter: int,
+    start: FloatArray | None,
+    rng: np.random.Generator,
+    dtype: np.dtype[Any],
+    back: bool = False,
+    exact: Callable[..., NDArray[np.float64]] | None = None,
+) -> KrylovResult:
+    """Thick-restart block Lanczos; returns the ``nwant`` Ritz pairs at the wanted end.
+
+    Parameters
+    ----------
+    op : callable
+        ``op(Y)`` returns the symmetric operator applied to a (d, b) block.
+    d, nwant : int
+        Dimension and number of wanted pairs.
+    largest : bool
+        Wanted end of the operator's spectrum.
+    block : int
+        Block size ``b`` (columns per product).
+    maxbasis : int
+        Basis size that triggers a thick restart (``≤ d − b``).
+    thresholds : callable
+        ``thresholds(theta, vnorms)`` gives, per Ritz value, the bound the residual estimate must reach
+        (``vnorms``: norms of the back-transformed Ritz vectors ``‖L⁻ᵀy‖``, or None).
+    back : bool
+        ``op`` returns ``(C Y, L⁻ᵀ Y)``; the driver then tracks ``Z = L⁻ᵀV`` and its Gram matrix, which
+        gives ``‖L⁻ᵀy‖`` of every Ritz vector (a sharper convergence test) and the pencil vectors.
+    exact : callable, optional
+        ``exact(Q, G, theta, vnorms)`` returns the true measure of each Ritz pair divided by the
+        tolerance (the reduced residual is ``Q G``); called only when the cheap bound is about to
+        pass, it stops the iteration as soon as the true measure is below tolerance (the bound
+        ``‖L r‖ ≤ ‖L‖‖r‖`` over-solves by about two orders of magnitude).
+    maxiter : int
+        Maximum number of block products.
+    start : (d, m) array, optional
+        Start directions (reduced coordinates); padded with random columns up to ``b``.
+    """
+    b = block
+    if start is not None and start.shape[1] > b:
+        b = start.shape[1]
+    maxbasis = max(min(maxbasis, d - b), nwant + b)
+    V = np.empty((d, maxbasis + b), dtype=dtype, order="F")
+    W = np.empty((d, maxbasis), dtype=dtype, order="F")
+    H = np.zeros((maxbasis, maxbasis), dtype=np.float64)
+    Zs = np.empty((d, maxbasis), dtype=dtype, order="F") if back else None
+    N = np.zeros((maxbasis, maxbasis), dtype=np.float64) if back else None
+
+    X = rng.standard_normal((d, b)).astype(dtype)
+    if start is not None and start.shape[1]:
+        X[:, : start.shape[1]] = start
+    V[:, :b], _ = np.linalg.qr(X)
+    n = 0  # columns of V whose image is in W
+    nb = b  # size of the pending block V[:, n:n+nb]
+    theta = np.zeros(nwant)
+    S_w = np.zeros((0, nwant))
+    est = np.full(nwant, np.inf)
+    it = 0
+
+    opnorm = 0.0
+    ratio = 1e-3  # guess of (true measure)/(bound): when to call ``exact``
+    while True:
+        Vb = V[:, n : n + nb]
+        out = op(Vb)
+        it += 1
+        n_new = n + nb
+        if back:
+            assert Zs is not None and N is not None
+            Wb = np.asarray(out[0], dtype=dtype)
+            Zs[:, n:n_new] = out[1]
+            Nb = Zs[:, :n_new].T @ Zs[:, n:n_new]
+            N[:n_new, n:n_new] = Nb
+            N[n:n_new, :n_new] = Nb.T
+        else:
+            Wb = np.asarray(out, dtype=dtype)
+        W[:, n : n + nb] = Wb
+        Vc = V[:, :n_new]
+        # Block CGS2 against the whole basis; G accumulates the projection Vᵀ C Vb.
+        G = Vc.T @ Wb
+        Z = Wb - Vc @ G
+        G2 = Vc.T @ Z
+        Z -= Vc @ G2
+        G += G2
+        H[:n_new, n:n_new] = G
+        H[n:n_new, :n_new] = G.T
+        diag_block = H[n:n_new, n:n_new]
+        H[n:n_new, n:n_new] = (diag_block + diag_block.T) / 2
+        n = n_new
+        opnorm = max(opnorm, float(np.max(column_norms(Wb))))
+        Q = _orthonormalize_against(Vc, Z, rng, opnorm)
+        nq = Q.shape[1]
+        V[:, n : n + nq] = Q
+
+        # Rayleigh-Ritz on the projected matrix; residual estimates from the coupling F = Qᵀ C V.
+        vals, S = scipy.linalg.eigh(H[:n, :n], check_finite=False, driver="evr")
+        order = np.arange(n - 1, -1, -1) if largest else np.arange(n)
+        want = order[:nwant]
+        theta = vals[want]
+        S_w = S[:, want]
+        F = Q.T @ W[:, :n]
+        est = column_norms(np.asarray(F, dtype=np.float64) @ S_w)
+        vnorms = None
+        if N is not None:
+            vnorms = np.sqrt(np.maximum(np.einsum("ij,ij->j", S_w, N[:n, :n] @ S_w), 0.0))
+        thr = thresholds(theta, vnorms)
+        mask, _ = convergence_mask(est, thr)
+        done = bool(mask.all()) and want.size == nwant
+        if not done and exact is not None and want.size == nwant:
+            rel = est / np.maximum(thr, np.finfo(np.float64).tiny)  # bound / tol per pair
+            if float(np.max(rel)) * ratio <= 1.0:
+                G_res = np.asarray(F, dtype=np.float64) @ S_w
+                true = exact(Q, G_res, theta, vnorms)  # true measure / tol per pair
+                mask = true <= 1.0
+                done = bool(mask.all())
+                if not done:
+                    ratio = min(1.0, 2.0 * float(np.max(true / np.maximum(rel, 1e-300))))
+        if done or it >= maxiter:
+            break
+        if n + nq > maxbasis:
+            # Thick restart: keep wanted Ritz vectors plus a margin, and the next block Q.
+            p = min(n - 1, max(nwant + nq, nwant + (maxbasis - nwant) // 2), maxbasis - nq)
+            keep = order[:p]
+            Sp = S[:, keep]
+            Qc = Q.copy()
+            V[:, :p] = V[:, :n] @ Sp
+            W[:, :p] = W[:, :n] @ Sp
+            if Zs is not None and N is not None:
+                Zs[:, :p] = Zs[:, :n] @ Sp
+                N[:p, :p] = Sp.T @ N[:n, :n] @ Sp
+            V[:, p : p + nq] = Qc
+            H[:, :] = 0.0
+            H[np.arange(p), np.arange(p)] = vals[keep]
+            n = p
+        nb = nq
+    Sd = S_w.astype(dtype, copy=False)
+    Y = np.asarray(V[:, :n] @ Sd, dtype=dtype)
+    Vp = None if Zs is None else np.asarray(Zs[:, :n] @ Sd, dtype=dtype)
+    return KrylovResult(
+        theta=np.asarray(theta, dtype=np.float64),
+        Y=Y,
+        estimates=np.asarray(est, dtype=np.float64),
+        iterations=it,
+        converged=done,
+        n_converged=int(np.count_nonzero(mask)),
+        V=Vp,
+    )

@@ -1,0 +1,765 @@
+"""Top-k eigenpairs of a regularized generalized symmetric-definite eigenproblem.
+
+``generalized_topk(A, B, k)`` solves ``A v = λ (B + εI) v`` for the ``k`` largest (or smallest)
+eigenvalues. This module holds the public front end, its result object, the shared residual measure and
+the dense back end; the iterative back ends live in private modules.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse
+import scipy.sparse.linalg
+from numpy.typing import NDArray
+
+from rqcore._eigen_kernels import (
+    asymmetry,
+    column_norms,
+    max_abs_column_sum,
+    pair_residual_norms,
+    residual_thresholds,
+)
+from rqcore._lanczos import KrylovResult, block_lanczos
+from rqcore._lobpcg import lobpcg
+from rqcore._validation import as_float_array, check_finite, check_symmetric
+from rqcore.exceptions import ConvergenceWarning
+from rqcore.pencil import Pencil
+
+__all__ = ["GeneralizedEigenResult", "generalized_topk", "pair_residuals"]
+
+FloatArray = NDArray[np.floating[Any]]
+
+
+@dataclass(repr=False)
+class GeneralizedEigenResult:
+    """Eigenpairs returned by :func:`generalized_topk`.
+
+    Unpacks as ``values, vectors = generalized_topk(A, B, k)``.
+
+    Attributes
+    ----------
+    values : (k,) ndarray
+        Eigenvalues, largest first when ``largest=True``, smallest first otherwise.
+    vectors : (d, k) ndarray
+        Eigenvectors, ``M``-orthonormal: ``vectors.T @ (B + εI) @ vectors = I``.
+    residuals : (k,) ndarray
+        Backward-error-type residual of each pair,
+        ``‖Av − λMv‖ / ((‖A‖₁ + |λ|‖M‖₁)·‖v‖)`` with ``M = B + εI`` (see :func:`pair_residuals`).
+    iterations : int
+        Iterations of the back end (0 for the dense method).
+    converged : bool
+        Whether every pair reached the tolerance.
+    method : str
+        The back end used (``"dense"``, ``"lanczos"``, ``"lobpcg"``), with the reason for a fallback in
+        parentheses, e.g. ``"dense (fallback: k close to d)"``.
+    reg_used : float
+        The absolute shift ``ε`` added to ``B``'s diagonal.
+    pencil : Pencil
+        The factored right-hand side, to reuse in the next solve (``generalized_topk(A2, result.pencil, k)``).
+    """
+
+    values: FloatArray
+    vectors: FloatArray
+    residuals: FloatArray
+    iterations: int
+    converged: bool
+    method: str
+    reg_used: float
+    pencil: Pencil = field(compare=False)
+
+    def __iter__(self):
+        """Yield ``values`` then ``vectors`` so the result unpacks like ``scipy.linalg.eigh``'s."""
+        yield self.values
+        yield self.vectors
+
+    def __repr__(self) -> str:
+        worst = float(np.max(self.residuals)) if self.residuals.size else 0.0
+        return (
+            f"GeneralizedEigenResult(k={self.values.size}, d={self.vectors.shape[0]}, "
+            f"method={self.method!r}, converged={self.converged}, iterations={self.iterations}, "
+            f"max_residual={worst:.2e}, reg_used={self.reg_used:.3g})"
+        )
+
+
+def _operator_one_norm(A: Any) -> float:
+    """‖A‖₁ (= ‖A‖_∞ for symmetric A), exact for arrays and sparse matrices, estimated for operators."""
+    if isinstance(A, np.ndarray):
+        return max_abs_column_sum(A) if A.ndim == 2 else float(np.sum(np.abs(A)))
+    if scipy.sparse.issparse(A):
+        return float(abs(A).sum(axis=0).max())
+    return float(scipy.sparse.linalg.onenormest(_SymmetricOperator(A)))
+
+
+class _SymmetricOperator(scipy.sparse.linalg.LinearOperator):
+    """Wraps a symmetric operator so that ``rmatvec`` (needed by ``onenormest``) is ``matvec``."""
+
+    def __init__(self, A: scipy.sparse.linalg.LinearOperator) -> None:
+        super().__init__(dtype=A.dtype, shape=A.shape)
+        self._op = A
+
+    def _matvec(self, x: FloatArray) -> FloatArray:
+        return np.asarray(self._op.matvec(x))
+
+    def _rmatvec(self, x: FloatArray) -> FloatArray:
+        return np.asarray(self._op.matvec(x))
+
+    def _matmat(self, X: FloatArray) -> FloatArray:
+        return np.asarray(self._op.matmat(X))
+
+
+def pair_residuals(
+    A: Any,
+    B: Any,
+    values: FloatArray,
+    vectors: FloatArray,
+    *,
+    reg: float = 0.0,
+    norms: tuple[float, float] | None = None,
+) -> NDArray[np.float64]:
+    r"""Relative residual of each eigenpair of the pencil ``(A, M)``, ``M = B + εI``.
+
+    ``r_j = ‖A v_j − λ_j M v_j‖₂ / ((‖A‖₁ + |λ_j|·‖M‖₁) · ‖v_j‖₂)``, a backward error: a pair with
+    ``r_j ≤ tol`` is an exact eigenpair of a pencil perturbed by about ``tol`` relative to its norms. It is
+    the one measure used for rqcore and for every peer in the benchmarks.
+
+    Parameters
+    ----------
+    A : (d, d) ndarray, sparse array or LinearOperator
+        The symmetric left-hand side.
+    B : (d, d) ndarray, :class:`Pencil` or None
+        The right-hand side (None: identity). A :class:`Pencil` brings its own ``ε``.
+    values : (k,) array_like
+        Eigenvalues.
+    vectors : (d, k) array_like
+        Eigenvectors (any normalization).
+    reg : float, default 0.0
+        Relative regularization when ``B`` is an array (as in :class:`Pencil`).
+    norms : (float, float), optional
+        Precomputed ``(‖A‖₁, ‖M‖₁)``; they are computed when omitted.
+
+    Returns
+    -------
+    residuals : (k,) ndarray of float64
+    """
+    pencil = B if isinstance(B, Pencil) else Pencil(B, reg=reg, dim=np.shape(vectors)[0])
+    V = np.asarray(vectors, dtype=np.float64)
+    lam = np.asarray(values, dtype=np.float64)
+    if V.ndim == 1:
+        V = V[:, None]
+    if norms is None:
+        m_norm = pencil.one_norm
+        norms = (_operator_one_norm(A), m_norm)
+    a_norm, m_norm = norms
+    AV = np.asarray(A @ V, dtype=np.float64)
+    MV = np.asarray(pencil.matvec(V.astype(pencil.dtype, copy=False)), dtype=np.float64)
+    numerator = pair_residual_norms(AV, MV, lam)
+    denominator = (a_norm + np.abs(lam) * m_norm) * column_norms(V)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), 0.0)
+    return out
+
+
+_METHODS = ("auto", "dense", "lanczos", "lobpcg")
+
+
+def _validate_A(A: Any) -> tuple[Any, int, np.dtype[Any], bool]:
+    """Return (A, d, dtype, is_operator) after checking shape, dtype, symmetry and finiteness."""
+    if isinstance(A, scipy.sparse.linalg.LinearOperator):
+        if len(A.shape) != 2 or A.shape[0] != A.shape[1]:
+            raise ValueError(f"A must be a square operator, got shape {A.shape}.")
+        dtype = np.dtype(A.dtype) if A.dtype is not None else np.dtype(np.float64)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"A has dtype {dtype}; expected float32 or float64.")
+        return A, A.shape[0], dtype, True
+    if scipy.sparse.issparse(A):
+        if A.shape[0] != A.shape[1]:
+            raise ValueError(f"A must be square, got shape {A.shape}.")
+        if A.dtype not in (np.float32, np.float64):
+            raise TypeError(f"A has dtype {A.dtype}; expected float32 or float64.")
+        if not np.isfinite(A.data).all():
+            raise ValueError("A contains NaN or Inf; remove them before solving.")
+        asym = abs(A - A.T).max() if A.nnz else 0.0
+        scale = abs(A).max() if A.nnz else 0.0
+        if asym > 100 * np.finfo(A.dtype).eps * max(scale, np.finfo(np.float64).tiny):
+            raise ValueError(
+                f"A is not symmetric: max |A - A.T| = {asym:.3g} (max |A| = {scale:.3g}); "
+                "symmetrize it, e.g. (A + A.T) / 2."
+            )
+        return A.tocsr(), A.shape[0], np.dtype(A.dtype), True
+    arr = as_float_array(A, "A", ndim=2, allowed=(np.float32, np.float64))
+    if arr.shape[0] != arr.shape[1]:
+        raise ValueError(f"A must be a square 2-D matrix, got shape {arr.shape}.")
+    asym, scale, finite = asymmetry(arr)  # one fused pass instead of |A − Aᵀ| temporaries
+    if not finite:
+        check_finite(arr, "A")
+    rtol = 100.0 * float(np.finfo(arr.dtype).eps)
+    if asym > rtol * max(scale, np.finfo(np.float64).tiny):
+        check_symmetric(arr, "A")  # raises with the standard message
+    return arr, arr.shape[0], arr.dtype, False
+
+
+def _materialize(A: Any, d: int, dtype: np.dtype[Any]) -> FloatArray:
+    """Dense copy of an operator or sparse matrix (for the dense fallback)."""
+    if scipy.sparse.issparse(A):
+        return np.asarray(A.toarray(), dtype=dtype)
+    dense = np.asarray(A @ np.eye(d, dtype=dtype), dtype=dtype)
+    return (dense + dense.T) / 2
+
+
+def _dense_topk(
+    A: FloatArray, pencil: Pencil, k: int, largest: bool
+) -> tuple[FloatArray, FloatArray]:
+    """Cholesky reduction (``sygst``) + LAPACK subset eigensolver (``syevr``), back-transformed."""
+    d = pencil.dim
+    reduced = pencil.reduce(A)
+    index = (d - k, d - 1) if largest else (0, k - 1)
+    values, Y = scipy.linalg.eigh(
+        reduced,
+        lower=True,
+        subset_by_index=index,
+        driver="evr",
+        overwrite_a=True,
+        check_finite=False,
+    )
+    vectors = pencil.solve_upper(Y)
+    if largest:
+        values, vectors = values[::-1], vectors[:, ::-1]
+    return np.ascontiguousarray(values), np.ascontiguousarray(vectors)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Iterative back ends: choice of method and parameters, operators, verification.
+
+#: Below this dimension, or for ``k > d / 4``, the iterative methods hand over to the dense one: the
+#: Krylov basis would be a large fraction of the space, and LAPACK is then faster and exact.
+_DENSE_MAX_D = 64
+_DENSE_K_FRACTION = 4
+
+
+def _fallback_reason(d: int, k: int) -> str | None:
+    if d < _DENSE_MAX_D:
+        return f"d < {_DENSE_MAX_D}"
+    if _DENSE_K_FRACTION * k > d:
+        return "k close to d"
+    return None
+
+
+def _auto_method(d: int, k: int, *, is_operator: bool, warm: bool, precond: bool) -> str:
+    """The rule behind ``method="auto"`` (documented in :func:`generalized_topk` and docs/solvers.md)."""
+    if _fallback_reason(d, k) is not None:
+        return "dense"
+    if precond:
+        return "lobpcg"
+    return "lanczos"
+
+
+def _lanczos_params(d: int, k: int, warm: bool) -> tuple[int, int]:
+    """Block size and restart size of the block Lanczos (measured on power-law pencils)."""
+    if warm:
+        b = k
+        basis = 3 * k + 16
+    else:
+        b = min(k, max(8, k // 2)) if k <= 32 else max(32, k // 4)
+        basis = 2 * k + 4 * b
+    return b, max(min(basis, d - b), k + b)
+
+
+def _form_reduced(d: int, k: int, warm: bool) -> bool:
+    """Whether to form ``C = L⁻¹AL⁻ᵀ`` (``sygst``, ≈ d³ flops) instead of applying it per block.
+
+    Applying costs ``4d²`` flops per column (two ``trsm`` and a ``gemm``), the formed matrix ``2d²``;
+    forming pays when the run needs more than about ``d/2`` operator columns.
+    """
+    return False
+
+
+def _as_preconditioner(M: Any) -> Callable[[FloatArray], FloatArray]:
+    if isinstance(M, np.ndarray) or scipy.sparse.issparse(M):
+        return lambda X: np.asarray(M @ X)
+    if isinstance(M, scipy.sparse.linalg.LinearOperator):
+        return lambda X: np.asarray(M.matmat(X))
+    if callable(M):
+        return lambda X: np.asarray(M(X))
+    raise TypeError(f"M must be an array, a LinearOperator or a callable, got {type(M).__name__}.")
+
+
+def _shift_invert(
+    A: FloatArray, pencil: Pencil, a_norm: float, dtype: np.dtype[Any]
+) -> tuple[float, FloatArray] | None:
+    """A shift ``σ`` below the spectrum and the Cholesky factor of ``A − σM`` (None if none found).
+
+    ``σ = −10⁻³‖A‖₁/‖M‖₁`` works for positive semi-definite ``A`` (covariances) and keeps the smallest
+    eigenvalues well separated after the transformation ``μ = 1/(λ − σ)``; otherwise
+    ``σ = −1.01‖A‖₁/λ_min(M)`` (with ``λ_min(M) ≥ ε``) is a guaranteed lower bound.
+    """
+    m_norm = pencil.one_norm
+    shifts = [-1e-3 * a_norm / m_norm]
+    if pencil.is_identity:
+        shifts.append(-1.01 * a_norm)
+    elif pencil.reg_used > 0:
+        shifts.append(-1.01 * a_norm / pencil.reg_used)
+    for sigma in shifts:
+        if not sigma < 0:
+            continue
+        K = np.array(A, dtype=dtype, order="F", copy=True)
+        if pencil.B is None:
+            K.flat[:: pencil.dim + 1] -= sigma
+        else:
+            K -= sigma * pencil.B
+            K.flat[:: pencil.dim + 1] -= sigma * pencil.reg_used
+        try:
+            G = scipy.linalg.cholesky(K, lower=True, overwrite_a=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            continue
+        return float(sigma), G
+    return None
+
+
+@dataclass
+class _Problem:
+    """What the iterative drivers need: the reduced operator and the map back to eigenvalues."""
+
+    op: Callable[[FloatArray], FloatArray]
+    largest: bool  # wanted end of op's spectrum
+    to_lambda: Callable[[NDArray[np.float64]], NDArray[np.float64]]
+    transform: str  # "none" or "shift-invert"
+    sigma: float = 0.0
+    back: bool = False  # op returns (C Y, L⁻ᵀ Y)
+
+
+def _build_problem(
+    A: Any,
+    pencil: Pencil,
+    *,
+    largest: bool,
+    is_operator: bool,
+    a_norm: float,
+    dtype: np.dtype[Any],
+    form: bool,
+) -> _Problem:
+    identity: Callable[[NDArray[np.float64]], NDArray[np.float64]] = lambda t: t  # noqa: E731
+    if not largest and not is_operator:
+        si = _shift_invert(A, pencil, a_norm, dtype)
+        if si is not None:
+            sigma, G = si
+
+            def op_si(Y: FloatArray) -> FloatArray:
+                Z = pencil.lower_matmul(Y)
+                Z = scipy.linalg.cho_solve((G, True), Z, check_finite=False)
+                return pencil.upper_matmul(Z)
+
+            return _Problem(
+                op=op_si,
+                largest=True,
+                to_lambda=lambda mu: sigma + 1.0 / mu,
+                transform="shift-invert",
+                sigma=sigma,
+            )
+    if form and not is_operator:
+        C = pencil.reduce(A)
+        C = np.tril(C) + np.tril(C, -1).T  # sygst fills the lower triangle only
+        return _Problem(op=lambda Y: C @ Y, largest=largest, to_lambda=identity, transform="none")
+
+    def op_pair(Y: FloatArray) -> tuple[FloatArray, FloatArray]:
+        Z = pencil.solve_upper(Y)
+        return pencil.solve_lower(np.asarray(A @ Z)), Z
+
+    return _Problem(
+        op=op_pair,  # type: ignore[arg-type]
+        largest=largest,
+        to_lambda=identity,
+        transform="none",
+        back=True,
+    )
+
+
+def _finalize(
+    A: Any,
+    pencil: Pencil,
+    Y: FloatArray,
+    norms: tuple[float, float],
+    largest: bool,
+    V: FloatArray | None = None,
+) -> tuple[FloatArray, FloatArray, NDArray[np.float64]]:
+    """Back-transform, final Rayleigh-Ritz in the pencil's coordinates, and true residuals.
+
+    The small Rayleigh-Ritz on ``(VᵀAV, VᵀMV)`` makes the vectors ``M``-orthonormal to working precision
+    and gives Rayleigh-quotient eigenvalues (quadratically accurate) whatever transformation was iterated.
+    The residuals are the measure of :func:`pair_residuals`, from the products ``AV`` and ``MV``.
+    """
+    if V is None:
+        V = pencil.solve_upper(Y)
+    AV = np.asarray(A @ V)
+    MV = pencil.matvec(V)
+    H = np.asarray(V.T @ AV, dtype=np.float64)
+    G = np.asarray(V.T @ MV, dtype=np.float64)
+    H = (H + H.T) / 2
+    G = (G + G.T) / 2
+    try:
+        w, S = scipy.linalg.eigh(H, G, check_finite=False)
+    except np.linalg.LinAlgError:  # pragma: no cover - G is ≈ I by construction
+        w, S = scipy.linalg.eigh(H, check_finite=False)
+    if largest:
+        w, S = w[::-1], S[:, ::-1]
+    S = S.astype(V.dtype)
+    V, AV, MV = V @ S, AV @ S, MV @ S
+    a_norm, m_norm = norms
+    numerator = pair_residual_norms(AV, MV, w)
+    denominator = (a_norm + np.abs(w) * m_norm) * column_norms(V)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        res = np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), 0.0)
+    return np.ascontiguousarray(w, dtype=V.dtype), np.ascontiguousarray(V), res
+
+
+def _iterative(
+    A: Any,
+    pencil: Pencil,
+    k: int,
+    *,
+    method: str,
+    largest: bool,
+    tol: float,
+    maxiter: int | None,
+    v0: FloatArray | None,
+    M: Any,
+    rng: np.random.Generator,
+    is_operator: bool,
+    dtype: np.dtype[Any],
+) -> tuple[FloatArray, FloatArray, NDArray[np.float64], int, str]:
+    d = pencil.dim
+    a_norm = _operator_one_norm(A)
+    m_norm = pencil.one_norm
+    a_over_m = a_norm / m_norm
+    warm = v0 is not None
+    precond = None if M is None else _as_preconditioner(M)
+    # With a user preconditioner LOBPCG iterates on C itself (the preconditioner is the accelerator).
+    use_si = not largest and not is_operator and (method == "lanczos" or precond is None)
+    problem = _build_problem(
+        A,
+        pencil,
+        largest=largest or not use_si,
+        is_operator=is_operator,
+        a_norm=a_norm,
+        dtype=dtype,
+        form=_form_reduced(d, k, warm) and method == "lanczos",
+    )
+    if not largest and problem.transform == "none":
+        problem.largest = False
+    label = method if problem.transform == "none" else f"{method} (shift-invert)"
+    if precond is not None and method == "lobpcg":
+        pre = precond
+
+        def reduced_precond(R: FloatArray) -> FloatArray:
+            return pencil.upper_matmul(pre(pencil.lower_matmul(R)))
+    else:
+        reduced_precond = None  # type: ignore[assignment]
+
+    eps = float(np.finfo(dtype).eps)
+    cnorm_factor = 1.0  # for shift-invert: guess of ‖C − σ‖ relative to ‖A‖₁/‖M‖₁ + |σ|
+
+    def thresholds(
+        theta: NDArray[np.float64], vnorms: NDArray[np.float64] | None
+    ) -> NDArray[np.float64]:
+        if vnorms is not None:
+            # measure ≤ ‖L‖‖r‖/((‖A‖₁ + |θ|‖M‖₁)‖v‖) with ‖L‖² = ‖M‖₂ ≤ ‖M‖₁ and ‖v‖ known.
+            return tol * scale * (a_norm + np.abs(theta) * m_norm) * vnorms / math.sqrt(m_norm)
+        if problem.transform == "none":
+            return residual_thresholds(theta, tol * scale, a_over_m, 0.0)
+        # ‖(C − λ)y‖ = ‖(C − σ) r_T‖ / μ ≤ ‖C − σ‖ ‖r_T‖ / μ for T = (C − σ)⁻¹, T y = μ y + r_T.
+        lam = problem.to_lambda(theta)
+        cnorm = cnorm_factor * (a_over_m + abs(problem.sigma))
+        bound = residual_thresholds(lam, tol * scale, a_over_m, 0.0)
+        return bound * np.abs(theta) / cnorm
+
+    def exact(
+        Q: FloatArray,
+        G: NDArray[np.float64],
+        theta: NDArray[np.float64],
+        vnorms: NDArray[np.float64] | None,
+    ) -> NDArray[np.float64]:
+        # Av − θMv = L(Cy − θy) = (LQ)(G s): one trmm of the (d, b) block Q gives the true measure.
+        # The safety factor 2 leaves room for the final Rayleigh-Ritz in the pencil's coordinates.
+        LQ = pencil.lower_matmul(Q)
+        num = column_norms(np.asarray(LQ @ G.astype(LQ.dtype), dtype=np.float64))
+        assert vnorms is not None
+        den = (a_norm + np.abs(theta) * m_norm) * np.maximum(vnorms, np.finfo(np.float64).tiny)
+        return 2.0 * num / (tol * scale * den)
+
+    start = None if v0 is None else pencil.upper_matmul(v0.astype(dtype, copy=False))
+    if method == "lanczos":
+        b, basis = _lanczos_params(d, k, warm)
+        default_maxiter = max(100, 20 * math.ceil(d / b))
+    else:
+        b = k + min(max(2, k // 4), 16)  # guard vectors, also when warm
+        b = min(b, d // 3)
+        basis = 0
+        default_maxiter = max(200, min(5000, d))
+    budget = default_maxiter if maxiter is None else max(int(maxiter), 1)
+    scale = 1.0
+    used = 0
+    values = vectors = residuals = None
+    while True:
+        if method == "lanczos":
+            res: KrylovResult = block_lanczos(
+                problem.op,
+                d,
+                k,
+                largest=problem.largest,
+                block=b,
+                maxbasis=basis,
+                thresholds=thresholds,
+                maxiter=budget - used,
+                start=start,
+                rng=rng,
+                dtype=dtype,
+                back=problem.back,
+                exact=exact if problem.back else None,
+            )
+        else:
+            res = lobpcg(
+                (lambda Y: problem.op(Y)[0]) if problem.back else problem.op,
+                d,
+                k,
+                largest=problem.largest,
+                block=b,
+                thresholds=thresholds,
+                maxiter=budget - used,
+                start=start,
+                precond=reduced_precond,
+                rng=rng,
+                dtype=dtype,
+            )
+        used += res.iterations
+        Y = res.Y
+        if Y.shape[1] < k:  # ran out of iterations before the basis held k vectors
+            pad = rng.standard_normal((d, k - Y.shape[1])).astype(dtype)
+            Y, _ = np.linalg.qr(np.hstack([Y, pad]))
+        values, vectors, residuals = _finalize(
+            A,
+            pencil,
+            Y,
+            (a_norm, m_norm),
+            largest,
+            V=res.V if res.V is not None and res.V.shape[1] == Y.shape[1] else None,
+        )
+        if bool(np.all(residuals <= tol)) or used >= budget or not res.converged:
+            break
+        # The estimate said converged but the true measure disagrees (shift-invert's guess of ‖C‖, or
+        # rounding in the reduced products): tighten and continue from the current vectors.
+        if problem.transform == "shift-invert":
+            cnorm_factor *= 100.0
+        else:
+            scale *= 0.01
+        if scale < 10 * eps:
+            break
+        start = pencil.upper_matmul(vectors)
+    return values, vectors, residuals, used, label
+
+
+def generalized_topk(
+    A: Any,
+    B: Any = None,
+    k: int = 6,
+    *,
+    reg: float = 1e-6,
+    method: str = "auto",
+    largest: bool = True,
+    tol: float | None = None,
+    maxiter: int | None = None,
+    v0: Any = None,
+    M: Any = None,
+    seed: int | np.random.Generator | None = None,
+) -> GeneralizedEigenResult:
+    r"""The ``k`` extreme eigenpairs of ``A v = λ (B + εI) v``.
+
+    Parameters
+    ----------
+    A : (d, d) ndarray, sparse array or LinearOperator
+        Symmetric matrix (float32/float64). Operators and sparse arrays are used through products only
+        by the iterative methods; the dense method materializes them.
+    B : (d, d) ndarray, sparse array, :class:`Pencil` or None
+        Symmetric positive (semi-)definite right-hand side, a prepared :class:`Pencil` (its factorization
+        is reused; ``reg`` is then taken from it), or None for the standard problem (``reg`` ignored).
+    k : int
+        Number of eigenpairs, ``1 ≤ k ≤ d``.
+    reg : float, default 1e-6
+        Relative regularization, ``ε = reg · trace(B) / d``; see :class:`Pencil`.
+    method : {"auto", "dense", "lanczos", "lobpcg"}
+        Back end; see Notes.
+    largest : bool, default True
+        The largest eigenvalues (True) or the smallest (False).
+    tol : float, optional
+        Residual tolerance of the iterative methods, in the measure of :func:`pair_residuals`; default
+        ``1e-10`` in float64, ``1e-5`` in float32 (the working precision is that of ``A`` and ``B``
+        combined: float32 only when both are float32).
+    maxiter : int, optional
+        Iteration limit of the iterative methods: block products for ``"lanczos"``, iterations for
+        ``"lobpcg"``. Default ``max(100, 20·⌈d/b⌉)`` and ``max(200, min(5000, d))``.
+    v0 : (d, m) array_like, optional
+        Warm start with ``m ≤ k`` columns, e.g. the previous result's vectors. The iteration starts from
+        ``span(v0)`` (in reduced coordinates ``Lᵀ v0``) padded with random columns.
+    M : array, LinearOperator or callable, optional
+        Preconditioner for LOBPCG, an approximation of ``(A − σ(B + εI))⁻¹`` applied to (d, m) blocks.
+        Passing one makes ``method="auto"`` choose LOBPCG.
+    seed : int or numpy.random.Generator, optional
+        Seed of the random start blocks.
+
+    Returns
+    -------
+    GeneralizedEigenResult
+        Unpacks as ``values, vectors``; also has ``residuals``, ``iterations``, ``converged``,
+        ``method``, ``reg_used`` and ``pencil``.
+
+    Raises
+    ------
+    ValueError
+        On ``k`` outside ``[1, d]``, shape mismatches, NaN/Inf, a non-symmetric ``A`` or ``B``, or
+        ``B + εI`` not positive definite ("pass reg > 0").
+    TypeError
+        On non-floating input.
+
+    Warns
+    -----
+    ConvergenceWarning
+        When an iterative method does not reach ``tol`` within ``maxiter``; the best pairs found are
+        returned with ``converged=False``.
+
+    Notes
+    -----
+    All methods work on the reduced problem ``C y = λ y``, ``C = L⁻¹AL⁻ᵀ``, ``M = B + εI = LLᵀ``
+    (``L`` computed once by :class:`Pencil`), and map back with ``v = L⁻ᵀy``, which makes the vectors
+    ``M``-orthonormal. Every iterative result ends with a Rayleigh-Ritz in the pencil's coordinates and
+    the residuals of :func:`pair_residuals`.
+
+    ``"dense"``
+        ``sygst`` + ``syevr`` on the subset. Exact to rounding; costs ``O(d³)`` whatever ``k``. Do not
+        use for large ``d`` with small ``k``, or when ``A`` is only available as an operator.
+    ``"lanczos"``
+        Thick-restart block Lanczos with full (block CGS2) reorthogonalization; ``C`` is applied as two
+        triangular solves around a product with ``A`` (never formed). Convergence is driven by the gap
+        between the ``k``-th and ``(k+1)``-th eigenvalue relative to the spread of the spectrum; heavy
+        tails make ``largest=True`` easy and ``largest=False`` hard, so for the smallest eigenvalues
+        with a dense ``A`` it iterates on ``(C − σ)⁻¹`` (shift-invert, one Cholesky of ``A − σM``,
+        ``σ`` below the spectrum). With an operator ``A`` the smallest end is iterated directly, which
+        can be slow. Not for ``k`` close to ``d``.
+    ``"lobpcg"``
+        Block LOBPCG (``M``-orthonormal through the reduced coordinates), soft locking, Cholesky-QR2
+        Rayleigh-Ritz that drops near-dependent directions. It shines with a good preconditioner ``M``
+        (then the spectrum of the preconditioned operator drives convergence); without one it needs
+        more products than Lanczos for the same accuracy.
+    ``"auto"``
+        Dense when ``d < 64`` or ``k > d/4`` (a Krylov basis would fill a large part of the space);
+        otherwise LOBPCG when a preconditioner ``M`` is given, else Lanczos (cold or warm). A forced
+        iterative method falls back to dense under the same conditions and says so in
+        ``result.method``, e.g. ``"dense (fallback: k close to d)"``.
+
+    Warm starts: pass ``v0=previous.vectors`` and ``B=previous.pencil``; the block Lanczos then uses
+    ``b = k`` and starts from ``span(Lᵀv0)``, so after a small change of ``A`` a few block products
+    suffice, and ``B`` is never refactored.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rqcore import generalized_topk
+    >>> A = np.diag([1.0, 2.0, 3.0, 4.0])
+    >>> B = np.diag([1.0, 1.0, 2.0, 2.0])
+    >>> values, vectors = generalized_topk(A, B, k=2, reg=0.0)
+    >>> values
+    array([2., 2.])
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
+    A, d, dtype, is_operator = _validate_A(A)
+    if isinstance(B, Pencil):
+        pencil = B
+        if pencil.dim != d:
+            raise ValueError(f"the pencil has dimension {pencil.dim} but A is {d}x{d}.")
+    else:
+        if B is not None and np.shape(B) != (d, d):
+            raise ValueError(f"B has shape {np.shape(B)} but A is {d}x{d}; they must match.")
+        pencil = Pencil(B, reg=reg, dim=d)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an integer, got {type(k).__name__}.")
+    if not 1 <= k <= d:
+        raise ValueError(f"k must satisfy 1 <= k <= d = {d}, got k={k}.")
+    k = int(k)
+    if v0 is not None:
+        v0 = as_float_array(v0, "v0", allowed=(np.float32, np.float64))
+        if v0.ndim == 1:
+            v0 = v0[:, None]
+        if v0.ndim != 2 or v0.shape[0] != d or not 1 <= v0.shape[1] <= k:
+            raise ValueError(
+                f"v0 must have shape (d, m) with d={d} and 1 <= m <= k={k}, got {v0.shape}."
+            )
+        check_finite(v0, "v0")
+    if tol is not None and not (np.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite number > 0, got {tol}.")
+    if maxiter is not None and (
+        isinstance(maxiter, bool) or not isinstance(maxiter, (int, np.integer)) or maxiter < 1
+    ):
+        raise ValueError(f"maxiter must be a positive integer, got {maxiter!r}.")
+    work_dtype = np.dtype(np.result_type(dtype, pencil.dtype))
+    if tol is None:
+        tol = 1e-10 if work_dtype == np.float64 else 1e-5
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+    chosen = method
+    if method == "auto":
+        chosen = _auto_method(
+            d, k, is_operator=is_operator, warm=v0 is not None, precond=M is not None
+        )
+    used = chosen
+    if chosen != "dense":
+        reason = _fallback_reason(d, k)
+        if reason is not None:
+            chosen, used = "dense", f"dense (fallback: {reason})"
+
+    if chosen == "dense":
+        A_dense = _materialize(A, d, work_dtype) if is_operator else A
+        values, vectors = _dense_topk(A_dense, pencil, k, largest)
+        residuals = pair_residuals(A, pencil, values, vectors)
+        iterations = 0
+        converged = True
+    else:
+        A_work = A if is_operator or A.dtype == work_dtype else A.astype(work_dtype)
+        values, vectors, residuals, iterations, used = _iterative(
+            A_work,
+            pencil,
+            k,
+            method=chosen,
+            largest=largest,
+            tol=float(tol),
+            maxiter=maxiter,
+            v0=v0,
+            M=M,
+            rng=rng,
+            is_operator=is_operator,
+            dtype=work_dtype,
+        )
+        converged = bool(np.all(residuals <= tol))
+        if not converged:
+            warnings.warn(
+                f"generalized_topk ({used}) did not converge: after {iterations} iterations the worst "
+                f"residual is {float(np.max(residuals)):.2e} > tol={tol:.1e}; "
+                f"{int(np.count_nonzero(residuals <= tol))} of {k} pairs converged. Returning the best "
+                "pairs found; raise maxiter, loosen tol, or pass a preconditioner (method='lobpcg').",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+    return GeneralizedEigenResult(
+        values=values,
+        vectors=vectors,
+        residuals=residuals,
+        iterations=iterations,
+        converged=converged,
+        method=used,
+        reg_used=pencil.reg_used,
+        pencil=pencil,
+    )

@@ -1,0 +1,331 @@
+"""Accuracy and behaviour of generalized_topk for every method (dense, lanczos, lobpcg, auto)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.sparse
+import scipy.sparse.linalg
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rqcore import ConvergenceWarning, Pencil, RqcoreWarning, generalized_topk, pair_residuals
+
+METHODS = ["dense", "lanczos", "lobpcg"]
+EPS = np.finfo(np.float64).eps
+C_EIG = 1e3  # eigenvalues within C_EIG·eps·λ_max of LAPACK (absolute)
+
+
+def power_law_pencil(d, *, alpha=1.0, n_a=None, n_b=None, seed=0):
+    """Covariances of samples whose columns are scaled by j^(-alpha/2) (heavy-tailed spectra)."""
+    rng = np.random.default_rng(seed)
+    s = np.arange(1, d + 1) ** (-alpha / 2)
+    X = rng.standard_normal((n_a or 2 * d, d)) * s
+    Y = rng.standard_normal((n_b or 2 * d, d)) * s[rng.permutation(d)]
+    return X.T @ X / X.shape[0], Y.T @ Y / Y.shape[0]
+
+
+def analytic_pencil(lam, *, seed=0):
+    """A = M V Λ Vᵀ M with V = L⁻ᵀQ: exact eigenpairs (λ, V) of (A, M), M = LLᵀ."""
+    rng = np.random.default_rng(seed)
+    d = lam.size
+    G = rng.standard_normal((d, d))
+    M = G @ G.T / d + 0.5 * np.eye(d)
+    L = np.linalg.cholesky(M)
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    V = scipy.linalg.solve_triangular(L, Q, lower=True, trans="T")
+    MV = M @ V
+    A = MV @ np.diag(lam) @ MV.T
+    return (A + A.T) / 2, M, V
+
+
+def reference(A, M, k, largest):
+    w, V = scipy.linalg.eigh(A, M)
+    if largest:
+        return w[::-1][:k], V[:, ::-1][:, :k], w
+    return w[:k], V[:, :k], w
+
+
+def check_result(res, A, M, k, largest, *, tol=1e-10, c_eig=C_EIG, angle=1e-6):
+    ref_w, ref_V, all_w = reference(A, M, k, largest)
+    lam_max = np.max(np.abs(all_w))
+    assert res.values.shape == (k,) and res.vectors.shape == (A.shape[0], k)
+    np.testing.assert_allclose(res.values, ref_w, rtol=0, atol=c_eig * EPS * lam_max)
+    step = -1 if largest else 1
+    assert np.all(np.diff(res.values) * step >= -c_eig * EPS * lam_max)
+    assert np.max(res.residuals) <= tol
+    gram = res.vectors.T @ M @ res.vectors
+    assert np.max(np.abs(gram - np.eye(k))) <= 1e-10
+    # Subspaces: compare the span of every group of eigenvalues that is separated from the rest.
+    if k == A.shape[0]:
+        return
+    gap_next = np.abs(all_w[::-1][k] - ref_w[-1]) if largest else np.abs(all_w[k] - ref_w[-1])
+    if gap_next > 1e-6 * lam_max:
+        angles = scipy.linalg.subspace_angles(res.vectors, ref_V)
+        assert np.max(angles) <= angle
+
+
+def reg_M(B, reg):
+    d = B.shape[0]
+    return B + reg * np.trace(B) / d * np.eye(d)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("largest", [True, False])
+def test_power_law_pencil(method, largest):
+    A, B = power_law_pencil(200, seed=1)
+    res = generalized_topk(A, B, 8, reg=1e-3, method=method, largest=largest, seed=0)
+    assert res.method.startswith(method)
+    assert res.converged
+    check_result(res, A, reg_M(B, 1e-3), 8, largest)
+    if method != "dense":
+        assert res.iterations > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("largest", [True, False])
+def test_rank_deficient_B(method, largest):
+    A, B = power_law_pencil(160, n_b=40, seed=2)
+    assert np.linalg.matrix_rank(B) <= 40
+    res = generalized_topk(A, B, 6, reg=1e-2, method=method, largest=largest, seed=0)
+    check_result(res, A, reg_M(B, 1e-2), 6, largest)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("largest", [True, False])
+def test_analytic_clustered_and_repeated(method, largest):
+    d = 120
+    rng = np.random.default_rng(3)
+    lam = np.sort(rng.uniform(0.1, 1.0, d))
+    lam[-3:] = 5.0  # a repeated eigenvalue at the top
+    lam[-6:-3] = 4.0 + 1e-9 * np.arange(3)  # a tight cluster below it
+    lam[:3] = 0.01  # repeated at the bottom
+    lam[3:6] = 0.02 + 1e-9 * np.arange(3)
+    A, M, V = analytic_pencil(lam, seed=4)
+    res = generalized_topk(A, M, 6, reg=0.0, method=method, largest=largest, seed=1)
+    expected = (
+        np.array([5.0] * 3 + [4.0 + 2e-9, 4.0 + 1e-9, 4.0])
+        if largest
+        else np.array([0.01] * 3 + [0.02, 0.02 + 1e-9, 0.02 + 2e-9])
+    )
+    np.testing.assert_allclose(res.values, expected, rtol=0, atol=C_EIG * EPS * 5.0)
+    cols = np.argsort(lam)[::-1][:6] if largest else np.argsort(lam)[:6]
+    for group in (cols[:3], cols[3:]):  # each cluster's subspace, not individual vectors
+        sel = np.isin(cols, group)
+        angles = scipy.linalg.subspace_angles(res.vectors[:, sel], V[:, group])
+        assert np.max(angles) <= 1e-6
+    assert np.max(np.abs(res.vectors.T @ M @ res.vectors - np.eye(6))) <= 1e-10
+
+
+@pytest.mark.parametrize("method", ["auto", *METHODS])
+def test_k_equals_d_and_fallback(method):
+    A, B = power_law_pencil(40, seed=5)
+    res = generalized_topk(A, B, 40, reg=1e-3, method=method)
+    check_result(res, A, reg_M(B, 1e-3), 40, True)
+    if method in ("lanczos", "lobpcg"):
+        assert res.method.startswith("dense (fallback")
+    A, B = power_law_pencil(400, seed=5)
+    res = generalized_topk(A, B, 120, reg=1e-3, method=method)
+    assert res.method.startswith("dense")
+    if method in ("lanczos", "lobpcg"):
+        assert res.method == "dense (fallback: k close to d)"
+
+
+@pytest.mark.parametrize("method", ["auto", *METHODS])
+@pytest.mark.parametrize("largest", [True, False])
+def test_d_equals_one(method, largest):
+    res = generalized_topk(
+        np.array([[3.0]]), np.array([[2.0]]), 1, reg=0.0, method=method, largest=largest
+    )
+    np.testing.assert_allclose(res.values, [1.5])
+    np.testing.assert_allclose(res.vectors**2 * 2.0, [[1.0]])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("largest", [True, False])
+def test_float32(method, largest):
+    A, B = power_law_pencil(150, alpha=0.5, seed=6)
+    A32, B32 = A.astype(np.float32), B.astype(np.float32)
+    res = generalized_topk(A32, B32, 5, reg=1e-2, method=method, largest=largest, seed=0)
+    assert res.vectors.dtype == np.float32 and res.values.dtype == np.float32
+    M = reg_M(B32.astype(np.float64), 1e-2)
+    ref_w, _, all_w = reference(A32.astype(np.float64), M, 5, largest)
+    # float32: 1e-4 relative to the largest eigenvalue, residuals at the float32 default tol.
+    np.testing.assert_allclose(res.values, ref_w, rtol=0, atol=1e-4 * np.max(np.abs(all_w)))
+    assert np.max(res.residuals) <= 1e-5
+    V = res.vectors.astype(np.float64)
+    assert np.max(np.abs(V.T @ M @ V - np.eye(5))) <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["auto", *METHODS])
+@pytest.mark.parametrize("largest", [True, False])
+def test_operator_and_sparse_input(method, largest):
+    d = 200
+    rng = np.random.default_rng(7)
+    S = scipy.sparse.random(d, d, density=0.05, random_state=rng)
+    S = (S + S.T + scipy.sparse.eye(d) * 3).tocsr()
+    _, B = power_law_pencil(d, seed=7)
+    Ad = S.toarray()
+    op = scipy.sparse.linalg.aslinearoperator(S)
+    for A_in in (S, op):
+        res = generalized_topk(
+            A_in, B, 6, reg=1e-3, method=method, largest=largest, seed=0, maxiter=2000
+        )
+        check_result(res, Ad, reg_M(B, 1e-3), 6, largest)
+
+
+def test_sparse_B_warns():
+    A, B = power_law_pencil(100, seed=8)
+    with pytest.warns(RqcoreWarning, match="sparse"):
+        res = generalized_topk(A, scipy.sparse.csr_array(B), 4, reg=1e-3)
+    check_result(res, A, reg_M(B, 1e-3), 4, True)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "lobpcg"])
+def test_warm_start_after_perturbation(method):
+    d, k = 300, 10
+    A, B = power_law_pencil(d, seed=9)
+    cold = generalized_topk(A, B, k, reg=1e-3, method=method, seed=0)
+    rng = np.random.default_rng(10)
+    X = rng.standard_normal((2 * d, d)) * np.arange(1, d + 1) ** -0.5
+    E = X.T @ X / (2 * d) - A
+    A2 = A + 0.01 * np.linalg.norm(A) / np.linalg.norm(E) * E
+    cholesky_calls = []
+    original = scipy.linalg.cholesky
+
+    def spy(*args, **kwargs):
+        if np.shape(args[0])[0] == d:  # small Gram-matrix factorizations inside LOBPCG are fine
+            cholesky_calls.append(1)
+        return original(*args, **kwargs)
+
+    scipy.linalg.cholesky = spy
+    try:
+        warm = generalized_topk(A2, cold.pencil, k, method=method, v0=cold.vectors, seed=0)
+    finally:
+        scipy.linalg.cholesky = original
+    assert not cholesky_calls  # the pencil's factor is reused
+    recold = generalized_topk(A2, cold.pencil, k, method=method, seed=0)
+    assert warm.iterations < recold.iterations
+    check_result(warm, A2, reg_M(B, 1e-3), k, True)
+    np.testing.assert_allclose(warm.values, recold.values, rtol=0, atol=1e3 * EPS * warm.values[0])
+
+
+def test_auto_rule():
+    A, B = power_law_pencil(200, seed=11)
+    assert generalized_topk(A, B, 4, reg=1e-3).method == "lanczos"
+    assert generalized_topk(A, B, 4, reg=1e-3, largest=False).method == "lanczos (shift-invert)"
+    assert generalized_topk(A, B, 80, reg=1e-3).method == "dense"
+    P = Pencil(B, reg=1e-3)
+    res = generalized_topk(A, B, 4, reg=1e-3, M=P.solve)
+    assert res.method == "lobpcg"
+    check_result(res, A, reg_M(B, 1e-3), 4, True)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_lobpcg_preconditioner_forms(largest):
+    A, B = power_law_pencil(150, seed=12)
+    P = Pencil(B, reg=1e-3)
+    Minv = np.linalg.inv(reg_M(B, 1e-3))
+    op = scipy.sparse.linalg.aslinearoperator(Minv)
+    for pre in (Minv, op, P.solve):
+        res = generalized_topk(
+            A, P, 4, method="lobpcg", largest=largest, M=pre, seed=0, maxiter=3000
+        )
+        check_result(res, A, reg_M(B, 1e-3), 4, largest)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "lobpcg"])
+def test_maxiter_too_small(method):
+    A, B = power_law_pencil(300, alpha=0.3, seed=13)
+    with pytest.warns(ConvergenceWarning, match=r"did not converge.*iterations.*tol"):
+        res = generalized_topk(A, B, 8, reg=1e-3, method=method, maxiter=2, seed=0)
+    assert res.converged is False
+    assert res.values.shape == (8,) and res.vectors.shape == (300, 8)
+    assert np.all(np.isfinite(res.values)) and np.max(res.residuals) > 1e-10
+    M = reg_M(B, 1e-3)
+    np.testing.assert_allclose(res.vectors.T @ M @ res.vectors, np.eye(8), atol=1e-10)
+    np.testing.assert_allclose(
+        res.residuals,
+        pair_residuals(A, res.pencil, res.values, res.vectors),
+        rtol=1e-6,
+        atol=1e-14,
+    )
+
+
+def test_result_object():
+    A, B = power_law_pencil(100, seed=14)
+    res = generalized_topk(A, B, 3, reg=1e-3)
+    values, vectors = res
+    assert values is res.values and vectors is res.vectors
+    assert "GeneralizedEigenResult" in repr(res)
+    assert res.reg_used == pytest.approx(1e-3 * np.trace(B) / 100)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"k": 0}, ValueError, "k must satisfy"),
+        ({"k": 31}, ValueError, "k must satisfy"),
+        ({"k": 2.0}, TypeError, "k must be an integer"),
+        ({"method": "arnoldi"}, ValueError, "method must be one of"),
+        ({"B": np.eye(29)}, ValueError, "B has shape"),
+        ({"A": np.ones((30, 29))}, ValueError, "square"),
+        ({"A": np.arange(900).reshape(30, 30)}, TypeError, "dtype"),
+        ({"A": np.triu(np.ones((30, 30)))}, ValueError, "not symmetric"),
+        ({"B": np.triu(np.ones((30, 30)))}, ValueError, "not symmetric"),
+        ({"A": np.full((30, 30), np.nan)}, ValueError, "non-finite"),
+        ({"B": np.full((30, 30), np.inf)}, ValueError, "non-finite"),
+        ({"B": -np.eye(30), "reg": 0.0}, ValueError, "not positive definite"),
+        ({"B": np.zeros((30, 30)), "reg": 0.0}, ValueError, "reg > 0"),
+        ({"reg": -1.0}, ValueError, "reg"),
+        ({"v0": np.ones((29, 2))}, ValueError, "v0 must have shape"),
+        ({"v0": np.ones((30, 5))}, ValueError, "v0 must have shape"),
+        ({"v0": np.full((30, 2), np.nan)}, ValueError, "non-finite"),
+        ({"tol": -1.0}, ValueError, "tol"),
+        ({"maxiter": 0}, ValueError, "maxiter"),
+        ({"M": 3, "method": "lobpcg"}, TypeError, "M must be"),
+        ({"B": Pencil(np.eye(29), reg=0.0)}, ValueError, "pencil has dimension"),
+    ],
+)
+def test_bad_inputs(kwargs, exc, match):
+    A, B = power_law_pencil(30, seed=15)
+    args = {"A": A, "B": B, "k": 3, "reg": 1e-3}
+    args.update(kwargs)
+    if "method" in kwargs and kwargs["method"] == "lobpcg":
+        args["A"], args["B"] = power_law_pencil(200, seed=15)
+    with pytest.raises(exc, match=match):
+        generalized_topk(args.pop("A"), args.pop("B"), args.pop("k"), **args)
+
+
+@settings(deadline=None, max_examples=8)
+@given(
+    d=st.integers(70, 140),
+    k=st.integers(1, 12),
+    method=st.sampled_from(METHODS),
+    largest=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_pencils_property(d, k, method, largest, seed):
+    A, B = power_law_pencil(d, alpha=1.2, seed=seed)
+    res = generalized_topk(A, B, k, reg=1e-3, method=method, largest=largest, seed=seed)
+    ref_w, _, all_w = reference(A, reg_M(B, 1e-3), k, largest)
+    np.testing.assert_allclose(res.values, ref_w, rtol=0, atol=C_EIG * EPS * np.max(np.abs(all_w)))
+    assert np.max(res.residuals) <= 1e-10
+
+
+def test_compare_script_quick():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_eigen.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ratio" in out.stdout and "eigsh" in out.stdout
