@@ -16,7 +16,7 @@ $(PY):
 	$(PIP) install --upgrade pip setuptools wheel
 
 $(VENV)/.dev-installed: $(PY) pyproject.toml constraints.txt
-	$(PIP) install $(PIN) -e '.[dev]'
+	$(PIP) install $(PIN) -e '.[dev,docs]'
 	@touch $@
 
 $(VENV)/.demo-installed: $(PY) pyproject.toml constraints.txt
@@ -35,11 +35,12 @@ $(VENV)/.docs-installed: $(PY) pyproject.toml constraints.txt
 demo: $(VENV)/.demo-installed
 	$(PY) -m rqcore.demo
 
-## test: lint, type-check and the whole test suite
+## test: lint, type-check, the docs build (warnings are errors) and the whole test suite
 test: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check rqcore rqcore_torch tests benchmarks
 	$(VENV)/bin/ruff format --check rqcore rqcore_torch tests benchmarks
 	$(VENV)/bin/mypy
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest
 
 ## bench: asv benchmarks of the current checkout (environment_type: existing)
@@ -54,7 +55,7 @@ compare: $(VENV)/.bench-installed
 	$(PY) benchmarks/compare_projection.py
 
 docs: $(VENV)/.docs-installed
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .asv site .mypy_cache .ruff_cache .pytest_cache

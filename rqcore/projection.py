@@ -712,6 +712,15 @@ class RayleighBasis:
             self._cast_cache[dtype] = cached
         return cached
 
+    def _rows_times(self, G: ArrayLike, *, dual: bool) -> FloatArray:
+        """``G · MV`` (``dual``) or ``G · V`` in G's dtype; NaN/Inf in G shows up in the product."""
+        G2, was_1d = _rows(G, self.dim)
+        with np.errstate(invalid="ignore", over="ignore"):  # reported just below
+            Z = G2 @ self._cast(G2.dtype)[1 if dual else 0]
+        if not np.isfinite(Z).all():
+            raise _non_finite_error("G")
+        return Z[0] if was_1d else Z
+
     def coordinates(self, G: ArrayLike) -> FloatArray:
         """Spectral coordinates of a step: ``G · MV`` (each row ``c = Vᵀ M w``).
 
@@ -739,12 +748,7 @@ class RayleighBasis:
         >>> np.abs(basis.coordinates(np.array([1.0, 1.0])))   # c = Vᵀ M w, V = diag(1/2, 1)
         array([2., 1.])
         """
-        G2, was_1d = _rows(G, self.dim)
-        with np.errstate(invalid="ignore", over="ignore"):  # reported just below
-            Z = G2 @ self._cast(G2.dtype)[1]
-        if not np.isfinite(Z).all():
-            raise _non_finite_error("G")
-        return Z[0] if was_1d else Z
+        return self._rows_times(G, dual=True)
 
     def gradient_coordinates(self, G: ArrayLike) -> FloatArray:
         """Coordinates of a gradient (covector) under ``ΔW = Z Vᵀ``: ``∂L/∂Z = G · V``.
@@ -771,12 +775,7 @@ class RayleighBasis:
         >>> np.abs(basis.gradient_coordinates(np.array([1.0, 1.0])))   # G·V, V = diag(1/2, 1)
         array([0.5, 1. ])
         """
-        G2, was_1d = _rows(G, self.dim)
-        with np.errstate(invalid="ignore", over="ignore"):  # reported just below
-            Z = G2 @ self._cast(G2.dtype)[0]
-        if not np.isfinite(Z).all():
-            raise _non_finite_error("G")
-        return Z[0] if was_1d else Z
+        return self._rows_times(G, dual=False)
 
     def reconstruct(self, Z: ArrayLike) -> FloatArray:
         """Map spectral coordinates back to rows: ``Z · Vᵀ``.
