@@ -11,6 +11,9 @@ torch = pytest.importorskip("torch")
 from rqcore_torch.statistics import TorchCovariance  # noqa: E402
 
 FLOAT_KEYS = ("total_weight", "sum", "scatter", "third", "fourth")
+# "core": CPU batches through zero-copy views into rqcore; "torch": the torch re-expression that
+# accelerators run, exercised here on the CPU and held equal to the core.
+BACKENDS = pytest.mark.parametrize("backend", ["core", "torch"])
 
 
 def _batches(seed: int, d: int = 12, mean: float = 0.0) -> list[np.ndarray]:
@@ -33,9 +36,12 @@ def _assert_states_close(a: dict, b: dict, rtol: float) -> None:
 @pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("decay", [1.0, 0.9])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_float64_updates_equal_the_core(centered: bool, decay: float, weighted: bool) -> None:
+@BACKENDS
+def test_float64_updates_equal_the_core(
+    centered: bool, decay: float, weighted: bool, backend: str
+) -> None:
     core = StreamingCovariance(12, centered=centered, decay=decay)
-    dev = TorchCovariance(12, centered=centered, decay=decay)
+    dev = TorchCovariance(12, centered=centered, decay=decay, backend=backend)
     rng = np.random.default_rng(1)
     for X in _batches(0, mean=3.0):
         w = rng.uniform(0, 2, X.shape[0]) if weighted else None
@@ -47,10 +53,13 @@ def test_float64_updates_equal_the_core(centered: bool, decay: float, weighted: 
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_low_precision_inputs_are_multiplied_in_float32_and_summed_in_float64(dtype: str) -> None:
+@BACKENDS
+def test_low_precision_inputs_are_multiplied_in_float32_and_summed_in_float64(
+    dtype: str, backend: str
+) -> None:
     batches = _batches(2, d=16)
     reference = StreamingCovariance(16)
-    dev = TorchCovariance(16)
+    dev = TorchCovariance(16, backend=backend)
     for X in batches:
         X_t = torch.from_numpy(X).to(getattr(torch, dtype))
         dev.update(X_t)
@@ -63,10 +72,11 @@ def test_low_precision_inputs_are_multiplied_in_float32_and_summed_in_float64(dt
     )
 
 
-def test_centered_is_accurate_for_a_large_mean() -> None:
+@BACKENDS
+def test_centered_is_accurate_for_a_large_mean(backend: str) -> None:
     rng = np.random.default_rng(3)
     X = 1e4 + rng.standard_normal((6000, 8))
-    dev = TorchCovariance(8, centered=True)
+    dev = TorchCovariance(8, centered=True, backend=backend)
     for part in np.array_split(X, 5):
         dev.update(torch.from_numpy(part))
     reference = np.cov(X, rowvar=False, bias=True)
@@ -74,13 +84,15 @@ def test_centered_is_accurate_for_a_large_mean() -> None:
 
 
 @pytest.mark.parametrize("centered", [False, True])
-def test_state_dicts_are_interchangeable_with_the_core(centered: bool) -> None:
+@BACKENDS
+def test_state_dicts_are_interchangeable_with_the_core(centered: bool, backend: str) -> None:
     first, second = _batches(4)[:3], _batches(5)[2:]
-    dev = TorchCovariance(12, centered=centered)
+    dev = TorchCovariance(12, centered=centered, backend=backend)
     for X in first:
         dev.update(torch.from_numpy(X))
     core = StreamingCovariance.from_state_dict(dev.state_dict())  # device -> core
-    back = TorchCovariance.from_state_dict(core.state_dict())  # core -> device
+    back = TorchCovariance.from_state_dict(core.state_dict(), backend=backend)
+    assert back.backend == backend  # core -> device
     for X in second:
         core.update(X)
         back.update(torch.from_numpy(X))
@@ -88,8 +100,9 @@ def test_state_dicts_are_interchangeable_with_the_core(centered: bool) -> None:
     assert back.to_core().count == core.count == sum(len(X) for X in first + second)
 
 
-def test_non_finite_batch_raises_and_leaves_state_unchanged() -> None:
-    dev = TorchCovariance(4)
+@BACKENDS
+def test_non_finite_batch_raises_and_leaves_state_unchanged(backend: str) -> None:
+    dev = TorchCovariance(4, backend=backend)
     dev.update(torch.ones(3, 4, dtype=torch.float64))
     before = dev.state_dict()
     bad = torch.ones(2, 4, dtype=torch.float64)
@@ -99,8 +112,9 @@ def test_non_finite_batch_raises_and_leaves_state_unchanged() -> None:
     _assert_states_close(dev.state_dict(), before, rtol=0)
 
 
-def test_non_finite_batch_is_skipped_on_device_without_check() -> None:
-    dev = TorchCovariance(4, centered=True)
+@BACKENDS
+def test_non_finite_batch_is_skipped_on_device_without_check(backend: str) -> None:
+    dev = TorchCovariance(4, centered=True, backend=backend)
     dev.update(torch.arange(12.0, dtype=torch.float64).reshape(3, 4))
     before = dev.state_dict()
     bad = torch.full((2, 4), float("inf"), dtype=torch.float64)
@@ -123,3 +137,13 @@ def test_bad_inputs_name_the_problem() -> None:
         TorchCovariance(4, decay=0.0)
     with pytest.raises(ValueError, match="no data"):
         TorchCovariance(4).covariance()
+    with pytest.raises(ValueError, match="backend"):
+        TorchCovariance(4, backend="gpu")
+
+
+def test_auto_backend_uses_the_core_on_cpu_and_reports_it() -> None:
+    acc = TorchCovariance(3)
+    assert acc.backend == "auto"
+    acc.update(torch.ones(2, 3))
+    assert acc.backend == "core" and "backend='core'" in repr(acc)
+    assert TorchCovariance(3, backend="torch").update(torch.ones(2, 3)).backend == "torch"

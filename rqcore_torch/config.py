@@ -1,0 +1,244 @@
+"""Validated configuration of :func:`rqcore_torch.preserve`.
+
+Every field is checked in ``__post_init__``; a bad value raises ValueError (TypeError for a wrong type)
+whose message says what to pass instead, so a typo fails before any forward pass is spent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["GATES", "METHODS", "PreserveConfig"]
+
+#: Methods :func:`rqcore_torch.preserve` understands; see ``docs/torch.md``.
+METHODS = ("folora", "gate", "nullspace", "none")
+#: Named gain functions of :mod:`rqcore.gates` usable as ``gate=``.
+GATES = ("ratio", "hard", "threshold", "sigmoid", "power")
+
+
+def _check_fraction(value: Any, name: str, *, closed_low: bool = False) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}.") from None
+    low_ok = x >= 0 if closed_low else x > 0
+    if not (math.isfinite(x) and low_ok and x <= 1):
+        raise ValueError(f"{name} must lie in (0, 1], got {value!r}; e.g. {name}=0.25.")
+    return x
+
+
+def _check_optional_positive_int(value: Any, name: str, hint: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}; {hint}")
+    return int(value)
+
+
+@dataclass
+class PreserveConfig:
+    """Configuration of a preservation run (what :func:`~rqcore_torch.preserve` builds from its kwargs).
+
+    Parameters
+    ----------
+    method : {"folora", "gate", "nullspace", "none"}, default "folora"
+        ``"folora"``: FoLoRA, Adam with its moments kept per spectral direction of each layer's pencil
+        ``(C_t, C_p + εI)`` and each direction's step scaled by ``λ/(λ+τ)``
+        (:class:`rqcore_torch.FoLoRAAdam`; ``docs/folora.md``); it replaces the optimizer.
+        ``"gate"``: gate each step of any optimizer in the Rayleigh basis of the pencil ``(C_t, C_p)``.
+        ``"nullspace"``: Adam-NSCL baseline, project the step off ``C_p``'s top-energy directions.
+        ``"none"``: statistics and monitoring only (the wrapped optimizer does not gate).
+    rank : int, optional
+        Number of generalized eigenvectors per layer (None: the full basis, ``k = d``).
+    gate : str or callable, default "ratio"
+        Gain rule of ``method="gate"``: one of :data:`GATES` or a function ``values -> gains``.
+    tau : "auto" or float, default "auto"
+        Scale of the ratio/threshold/sigmoid gates. ``"auto"`` picks, at every refresh,
+        ``rqcore.gates.tau_for_utility_fraction(values, tau_fraction)``.
+    tau_fraction : float, optional
+        Utility fraction kept by ``tau="auto"`` (strictly between 0 and 1). Default: 0.3 for
+        ``"folora"`` (the toy ablation's winner: Adam spends penalty evenly over directions, so it needs
+        a stronger gate), 0.9 for ``"gate"``.
+    gate_options : mapping, optional
+        Extra keyword arguments of the gate function: ``{"rank": r}`` for ``"hard"`` (required),
+        ``{"temperature": t}`` for ``"sigmoid"``, ``{"alpha": a}`` for ``"power"``.
+    complement : float, default 0.0
+        Gain of the complement of the kept ``rank`` directions (irrelevant for a full basis).
+    reg : float, optional
+        Relative regularization of ``C_p`` (``ε = reg · tr(C_p)/d``). Default: 1e-2 for ``"folora"``
+        (ablation: 1e-2 and 1e-3 tie, 1e-1 loses), 1e-4 otherwise.
+    energy : float, default 0.99
+        Energy fraction of ``C_p`` blocked by ``method="nullspace"``.
+    refresh_every : int, optional
+        Re-solve the pencils every this many optimizer steps from the task statistics tracked online
+        (None: never; ignored by ``"nullspace"`` and ``"none"``).
+    task_token_fraction : float, default 0.25
+        Fraction of training tokens that enter the online task statistics (compute budget).
+    task_warmup : int, optional, default 10
+        ``"folora"`` without task statistics (no ``task_loader``): track ``C_t`` online during the first
+        ``task_warmup`` steps and re-solve the bases then, so the isotropic placeholder ``C_t`` is
+        replaced early (None: wait for ``refresh_every``). Ignored when a ``task_loader`` was given.
+    task_window : int, optional
+        Track task statistics only during the last ``task_window`` optimizer steps before each refresh
+        (None: all steps).
+    max_batches : int, optional
+        Bound on the calibration pass (and on the task pre-pass).
+    token_fraction : float, default 1.0
+        Fraction of calibration tokens used (seeded subsample).
+    share_inputs : bool, default True
+        Layers fed the very same input tensor (q/k/v) share one accumulator.
+    progress : bool, default True
+        Show a tqdm bar during calibration.
+    seed : int, optional
+        Seed of token subsampling.
+
+    Raises
+    ------
+    ValueError
+        On an unknown method or gate, out-of-range numbers, or ``gate="hard"`` without
+        ``gate_options={"rank": r}``; the message names the remedy.
+
+    Examples
+    --------
+    >>> PreserveConfig(method="nullspace", energy=0.95).energy
+    0.95
+    >>> PreserveConfig(method="sgd")
+    Traceback (most recent call last):
+    ...
+    ValueError: method must be one of ('folora', 'gate', 'nullspace', 'none'), got 'sgd'; use method="folora" (gated Adam, the default), "gate" (spectral gate of any optimizer) or "nullspace" (Adam-NSCL baseline).
+    """
+
+    method: str = "folora"
+    rank: int | None = None
+    gate: str | Callable[[np.ndarray], Any] = "ratio"
+    tau: str | float = "auto"
+    tau_fraction: float | None = None
+    gate_options: Mapping[str, Any] = field(default_factory=dict)
+    complement: float = 0.0
+    reg: float | None = None
+    energy: float = 0.99
+    refresh_every: int | None = None
+    task_token_fraction: float = 0.25
+    task_warmup: int | None = 10
+    task_window: int | None = None
+    max_batches: int | None = None
+    token_fraction: float = 1.0
+    share_inputs: bool = True
+    progress: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(
+                f'method must be one of {METHODS}, got {self.method!r}; use method="folora" '
+                '(gated Adam, the default), "gate" (spectral gate of any optimizer) or '
+                '"nullspace" (Adam-NSCL baseline).'
+            )
+        if not callable(self.gate) and self.gate not in GATES:
+            raise ValueError(
+                f"gate must be one of {GATES} or a callable values -> gains, got {self.gate!r}."
+            )
+        if isinstance(self.tau, str):
+            if self.tau != "auto":
+                raise ValueError(f"tau must be 'auto' or a positive float, got {self.tau!r}.")
+        else:
+            t = float(self.tau)
+            if not (math.isfinite(t) and t > 0):
+                raise ValueError(f"tau must be 'auto' or a finite float > 0, got {self.tau!r}.")
+            self.tau = t
+        folora = self.method == "folora"
+        if self.tau_fraction is None:
+            self.tau_fraction = 0.3 if folora else 0.9
+        if self.reg is None:
+            self.reg = 1e-2 if folora else 1e-4
+        p = float(self.tau_fraction)
+        if not (math.isfinite(p) and 0 < p < 1):
+            raise ValueError(
+                f"tau_fraction must lie strictly in (0, 1), got {self.tau_fraction!r}."
+            )
+        self.tau_fraction = p
+        self.gate_options = dict(self.gate_options)
+        if self.gate == "hard" and "rank" not in self.gate_options:
+            raise ValueError(
+                'gate="hard" needs the number of directions to keep: pass gate_options={"rank": r}.'
+            )
+        self.rank = _check_optional_positive_int(
+            self.rank, "rank", "pass rank=None for the full basis."
+        )
+        c = float(self.complement)
+        if not math.isfinite(c) or c < 0:
+            raise ValueError(f"complement must be a finite gain >= 0, got {self.complement!r}.")
+        self.complement = c
+        r = float(self.reg)
+        if not math.isfinite(r) or r < 0:
+            raise ValueError(f"reg must be a finite number >= 0 (e.g. 1e-4), got {self.reg!r}.")
+        self.reg = r
+        self.energy = _check_fraction(self.energy, "energy")
+        self.refresh_every = _check_optional_positive_int(
+            self.refresh_every, "refresh_every", "e.g. refresh_every=100, or None to never refresh."
+        )
+        self.task_token_fraction = _check_fraction(self.task_token_fraction, "task_token_fraction")
+        self.task_warmup = _check_optional_positive_int(
+            self.task_warmup,
+            "task_warmup",
+            "e.g. task_warmup=10, or None to wait for refresh_every.",
+        )
+        self.task_window = _check_optional_positive_int(
+            self.task_window, "task_window", "pass None to track every training step."
+        )
+        if (
+            self.task_window is not None
+            and self.refresh_every is not None
+            and self.task_window > self.refresh_every
+        ):
+            raise ValueError(
+                f"task_window={self.task_window} exceeds refresh_every={self.refresh_every}; "
+                "pass task_window <= refresh_every or None."
+            )
+        self.max_batches = _check_optional_positive_int(
+            self.max_batches, "max_batches", "pass None to use the whole loader."
+        )
+        self.token_fraction = _check_fraction(self.token_fraction, "token_fraction")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}.")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The fields as JSON-serializable values (a callable gate is stored as ``"<callable>"``).
+
+        Returns
+        -------
+        dict
+        """
+        out = asdict(self)
+        if callable(self.gate):
+            out["gate"] = "<callable>"
+        return out
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any], **overrides: Any) -> PreserveConfig:
+        """Rebuild from :meth:`to_json_dict`; ``overrides`` replace fields (e.g. a callable ``gate``).
+
+        Raises
+        ------
+        ValueError
+            On unknown keys, or a saved callable gate without a ``gate=`` override.
+        """
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(
+                f"unknown configuration keys {sorted(unknown)} (file from a newer version?)."
+            )
+        values = {**dict(data), **overrides}
+        if values.get("gate") == "<callable>":
+            raise ValueError(
+                "the run used a callable gate, which is not saved; pass gate=... to load()."
+            )
+        return cls(**values)

@@ -1,0 +1,774 @@
+r"""FoLoRA: Adam with its moments kept per spectral direction of each layer's pencil, gated by ``λ``.
+
+For one linear layer with input covariances ``C_t`` (task) and ``C_p`` (pretraining proxy), the pencil
+``C_t v = λ M v`` (``M = C_p + εI``, ``Vᵀ M V = I``) gives coordinates in which the penalty of a step
+(``wᵀMw``) is the plain squared norm and its utility (``wᵀC_t w``) is ``Σ λ_j c_j²``
+(``docs/concepts.md``). :class:`FoLoRAAdam` parametrizes each layer's step as ``ΔW = s·Z Vᵀ``, keeps
+Adam's moments on the gradient's coordinates ``G V`` (one pair per output row and spectral direction),
+scales direction ``j``'s Adam step by a gain ``g_j = λ_j/(λ_j+τ)`` and maps it back with ``Vᵀ``. The
+M-orthogonal complement of a top-k basis gets elementwise Adam moments of its own and one gain
+``g⊥``. Decoupled weight decay is gated the same way (it moves the outputs too).
+
+LoRA factors are handled by :func:`lora_init_from_basis` (start ``L_A`` inside the gated subspace) and
+by the ``lora_pencils`` option of :class:`FoLoRAAdam` (gate ``L_B`` in the r-dimensional pencil
+``(L_A C_t L_Aᵀ, L_A C_p L_Aᵀ)``, re-solved as ``L_A`` moves). Design choices and their measured
+effect: ``docs/folora.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from rqcore import gates
+from rqcore.projection import RayleighBasis
+from rqcore_torch._linalg import dense_generalized_topk
+
+__all__ = [
+    "FoLoRAAdam",
+    "LoRAPencil",
+    "SpectralLayer",
+    "folora_layers_from_covariances",
+    "lora_init_from_basis",
+    "resolve_gains",
+]
+
+GateSpec = str | Callable[[np.ndarray], Any]
+TauSpec = float | str
+
+#: τ rules accepted by ``tau=``; "auto" is the default rule settled by the ablation (docs/folora.md).
+TAU_RULES = ("auto", "median", "mean", "utility", "budget")
+AUTO_TAU_RULE = "utility"
+#: Utility fraction ``p`` of the "utility"/"auto" rule when ``tau_param`` is not given (ablation's winner).
+AUTO_UTILITY_FRACTION = 0.3
+REFRESH_POLICIES = ("transport", "reset", "keep")
+
+
+# ----------------------------------------------------------------------------------------- layers
+@dataclass
+class SpectralLayer:
+    """One gated linear layer and its spectral basis.
+
+    Parameters
+    ----------
+    name : str
+        Identifier (used by :meth:`FoLoRAAdam.set_basis`).
+    weight : torch.nn.Parameter
+        ``(out, d_in)``, or ``(d_in, out)`` when ``transposed`` (HF ``Conv1D``).
+    bias : torch.nn.Parameter or None
+        When given, each row is ``[W_i | b_i]`` and the pencil is over augmented inputs ``[x, 1]``
+        (``d = d_in + 1``): a bias step moves every output, so it is gated too.
+    values : (k,) Tensor
+        Generalized eigenvalues ``λ`` (descending).
+    vectors : (d, k) Tensor
+        ``V`` with ``Vᵀ M V = I``.
+    dual : (d, k) Tensor
+        ``M V``.
+    transposed : bool, default False
+    scale : float, optional
+        ``s`` in ``ΔW = s·Z Vᵀ``: converts an Adam step of size ``lr`` in M-units into weight units, so
+        ``lr`` means what it means for AdamW. Default ``sqrt(tr(M)/d)`` (exact when ``M = μI``), which
+        :meth:`from_basis` knows; otherwise estimated as ``‖MV‖_F/√k`` (equal to it for a full basis).
+    """
+
+    name: str
+    weight: torch.Tensor  # a Parameter (a leaf tensor with .grad)
+    bias: torch.Tensor | None
+    values: torch.Tensor
+    vectors: torch.Tensor
+    dual: torch.Tensor
+    transposed: bool = False
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        out, d_in = self.shape_out_in
+        d = d_in + (self.bias is not None)
+        if self.vectors.ndim != 2 or self.vectors.shape[0] != d:
+            raise ValueError(
+                f"layer {self.name!r}: vectors must be (d, k) with d = {d}, got {tuple(self.vectors.shape)}."
+            )
+        k = self.vectors.shape[1]
+        if tuple(self.dual.shape) != (d, k) or tuple(self.values.shape) != (k,):
+            raise ValueError(
+                f"layer {self.name!r}: values/dual must be ({k},)/({d}, {k}), got "
+                f"{tuple(self.values.shape)}/{tuple(self.dual.shape)}."
+            )
+        if self.bias is not None and tuple(self.bias.shape) != (out,):
+            raise ValueError(f"layer {self.name!r}: bias must have shape ({out},).")
+        if self.scale is None:
+            self.scale = float(torch.linalg.norm(self.dual.double()) / math.sqrt(k))
+
+    @property
+    def shape_out_in(self) -> tuple[int, int]:
+        """``(out, d_in)`` of the layer, whatever the storage layout."""
+        a, b = self.weight.shape
+        return (b, a) if self.transposed else (a, b)
+
+    @classmethod
+    def from_basis(
+        cls,
+        name: str,
+        weight: torch.nn.Parameter,
+        bias: torch.nn.Parameter | None,
+        basis: RayleighBasis,
+        *,
+        transposed: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SpectralLayer:
+        """Build from a :class:`rqcore.RayleighBasis` (its ``values``, ``vectors``, ``MV``).
+
+        ``device``/``dtype`` default to the weight's. The step scale is ``sqrt(tr(M)/d)`` when the
+        basis holds ``C_p`` (``B``), ``1`` for the standard problem (``M = I``).
+        """
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+
+        def conv(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
+
+        if basis.B is not None:
+            scale = math.sqrt(max(float(np.trace(basis.B)) / basis.dim + basis.reg_used, 1e-30))
+        elif basis._cp_known:  # standard problem: M = I
+            scale = 1.0
+        else:
+            scale = None
+        return cls(
+            name=name,
+            weight=weight,
+            bias=bias,
+            values=conv(basis.values),
+            vectors=conv(basis.vectors),
+            dual=conv(basis.MV),
+            transposed=transposed,
+            scale=scale,
+        )
+
+
+def folora_layers_from_covariances(
+    layers: Iterable[tuple[str, torch.nn.Module | torch.Tensor]],
+    C_t: Mapping[str, torch.Tensor],
+    C_p: Mapping[str, torch.Tensor],
+    *,
+    rank: int | None = None,
+    reg: float = 1e-2,
+) -> list[SpectralLayer]:
+    """Solve each layer's pencil (dense, on the covariances' device) and return its :class:`SpectralLayer`.
+
+    Parameters
+    ----------
+    layers : iterable of (name, module)
+        ``torch.nn.Linear`` modules (rows ``[W | b]`` when the module has a bias), or HF ``Conv1D``
+        (detected by a ``nf`` attribute: weight stored ``(d_in, out)``), or a bare weight parameter.
+    C_t, C_p : mapping name → (d, d) Tensor
+        Second moments of the layer's inputs on task / proxy data, augmented with a constant 1
+        (``d = d_in + 1``) for layers with a bias.
+    rank : int, optional
+        Basis size ``k``; default the full basis (``k = d``), the setting the ablation favours.
+    reg : float, default 1e-2
+        Relative shift: ``ε = reg·tr(C_p)/d`` (the ablation's default, docs/folora.md).
+
+    Returns
+    -------
+    list of SpectralLayer
+    """
+    out: list[SpectralLayer] = []
+    for name, mod in layers:
+        if isinstance(mod, torch.Tensor):
+            weight, bias, transposed = mod, None, False
+        else:
+            weight = mod.weight  # type: ignore[assignment]
+            bias = getattr(mod, "bias", None)
+            transposed = hasattr(mod, "nf")
+        A, B = C_t[name], C_p[name]
+        d = A.shape[0]
+        k = d if rank is None else min(rank, d)
+        values, vectors, eps = dense_generalized_topk(A, B, k, reg=reg)
+        dual = B @ vectors + eps * vectors
+        scale = math.sqrt(float(torch.diagonal(B).sum()) / d + float(eps))
+        out.append(
+            SpectralLayer(
+                name=name,
+                weight=weight,
+                bias=bias,
+                values=values.to(weight.dtype),
+                vectors=vectors.to(weight.dtype),
+                dual=dual.to(weight.dtype),
+                transposed=transposed,
+                scale=scale,
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+def lora_init_from_basis(
+    basis: RayleighBasis | SpectralLayer | torch.Tensor | np.ndarray,
+    r: int,
+    *,
+    scale: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """An ``L_A`` initialization (``r × d``) whose rows are the top-``r`` generalized eigenvectors.
+
+    With ``ΔW = s·L_B L_A`` and ``L_B = 0`` at the start, every early step of ``L_B`` moves ``ΔW``
+    along ``L_A``'s rows: random rows spend penalty on whatever directions they happen to hit, the
+    top eigenvectors are the directions with the most task utility per unit of penalty.
+
+    Parameters
+    ----------
+    basis : RayleighBasis, SpectralLayer or (d, k) array
+        The basis (``vectors``, ``V``); columns are taken in order (largest ``λ`` first). For a layer
+        with a bias the pencil is augmented; pass the non-augmented basis (LoRA has no bias).
+    r : int
+        LoRA rank, ``1 ≤ r ≤ k``.
+    scale : float, optional
+        Euclidean norm of each row. Default ``1/√3``: the expected row norm of PEFT's
+        ``kaiming_uniform_(a=√5)`` init (entries ``U(−1/√d, 1/√d)``), so the scale of ``L_A`` — and hence
+        the effective learning rate of ``L_B`` — matches the usual init.
+    dtype, device : optional
+
+    Returns
+    -------
+    (r, d) Tensor
+    """
+    if isinstance(basis, RayleighBasis):
+        V = torch.as_tensor(np.asarray(basis.vectors), dtype=torch.float64)
+    elif isinstance(basis, SpectralLayer):
+        V = basis.vectors.detach().to(torch.float64, copy=True).cpu()
+    else:
+        V = torch.as_tensor(np.asarray(basis) if isinstance(basis, np.ndarray) else basis)
+        V = V.detach().to(torch.float64).cpu()
+    if V.ndim != 2 or not 1 <= r <= V.shape[1]:
+        raise ValueError(f"r must satisfy 1 <= r <= k = {V.shape[-1]}, got {r}.")
+    rows = V[:, :r].T.clone()
+    norm = 1.0 / math.sqrt(3.0) if scale is None else float(scale)
+    rows *= norm / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return rows.to(dtype=dtype, device=device)
+
+
+@dataclass
+class LoRAPencil:
+    """Statistics to gate a LoRA ``L_B`` in the r-dimensional pencil ``(L_A C_t L_Aᵀ, L_A C_p L_Aᵀ)``.
+
+    ``L_B``'s inputs are ``L_A x``, so its pencil is the layer's pencil seen through ``L_A``; it is
+    re-solved from the current ``L_A`` every ``refresh_every`` steps of :class:`FoLoRAAdam`.
+
+    Parameters
+    ----------
+    lora_A : Tensor
+        ``(r, d)``, the current ``L_A`` (a parameter, read when the pencil is solved).
+    C_t, C_p : (d, d) Tensor
+        The layer's input second moments (not augmented: LoRA has no bias).
+    reg : float, default 1e-2
+    """
+
+    lora_A: torch.Tensor
+    C_t: torch.Tensor
+    C_p: torch.Tensor
+    reg: float = 1e-2
+
+    def solve(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """``(values, vectors, dual, scale)`` of the r-dim pencil at the current ``L_A`` (float64)."""
+        LA = self.lora_A.detach().to(torch.float64)
+        A = LA @ self.C_t.to(LA) @ LA.T
+        B = LA @ self.C_p.to(LA) @ LA.T
+        r = A.shape[0]
+        values, vectors, eps = dense_generalized_topk((A + A.T) / 2, (B + B.T) / 2, r, reg=self.reg)
+        dual = B @ vectors + eps * vectors
+        scale = math.sqrt(max(float(torch.diagonal(B).sum()) / r + float(eps), 1e-30))
+        return values, vectors, dual, scale
+
+
+# ------------------------------------------------------------------------------------------ gains
+def _global_or_layer_values(values: np.ndarray) -> np.ndarray:
+    return np.maximum(np.asarray(values, dtype=np.float64), 0.0)
+
+
+def resolve_tau(values: np.ndarray, rule: TauSpec, param: float | None = None) -> float:
+    """The threshold ``τ`` of a gate from a rule on the spectrum.
+
+    Parameters
+    ----------
+    values : (k,) array
+        Eigenvalues (one layer's, or several layers' pooled for a global ``τ``).
+    rule : float or str
+        A number is used as is. ``"median"``: median of ``λ⁺`` (half the directions keep at least half
+        their step; rqcore's default); ``"mean"``: mean of ``λ⁺``; ``"utility"``:
+        :func:`rqcore.gates.tau_for_utility_fraction` with ``p = param`` (default
+        ``AUTO_UTILITY_FRACTION`` = 0.3); ``"auto"``: the rule named by ``AUTO_TAU_RULE`` ("utility", the
+        ablation's winner). ``"budget"`` needs the step's
+        coordinates and is resolved by the optimizer.
+    param : float, optional
+    """
+    if not isinstance(rule, str):
+        tau = float(rule)
+        if not math.isfinite(tau) or tau < 0:
+            raise ValueError(f"tau must be a finite number >= 0, got {rule!r}.")
+        return tau
+    if rule == "auto":
+        rule = AUTO_TAU_RULE
+    lam = _global_or_layer_values(values)
+    pos = lam[lam > 0]
+    if pos.size == 0:
+        return 1.0  # nothing passes anyway (all gains 0 for λ ≤ 0)
+    if rule == "median":
+        med = float(np.median(lam))
+        return med if med > 0 else float(pos.mean())
+    if rule == "mean":
+        return float(pos.mean())
+    if rule == "utility":
+        return gates.tau_for_utility_fraction(
+            lam, AUTO_UTILITY_FRACTION if param is None else param
+        )
+    raise ValueError(f"unknown tau rule {rule!r}; expected a number or one of {TAU_RULES}.")
+
+
+def resolve_gains(
+    values: np.ndarray, gate: GateSpec, tau: float, rank: int | None = None
+) -> np.ndarray:
+    """Gains ``g_j`` of the spectral directions for a gate name (or callable) and a resolved ``τ``.
+
+    ``"ratio"``: ``λ/(λ+τ)``; ``"threshold"``: ``1[λ ≥ τ]``; ``"sigmoid"``: ``σ(log(λ/τ)/0.5)``;
+    ``"hard"``: 1 for the top ``rank`` (default: ``λ ≥ τ``), else 0; ``"power"``: ``(λ/λ_max)``;
+    ``"none"``: all 1 (plain Adam in spectral coordinates); a callable gets the values.
+    """
+    lam = np.asarray(values, dtype=np.float64)
+    if callable(gate):
+        g = np.asarray(gate(lam), dtype=np.float64)
+    elif gate == "ratio":
+        g = gates.ratio(lam, max(tau, 1e-300))
+    elif gate == "threshold":
+        g = gates.threshold(lam, max(tau, 1e-300))
+    elif gate == "sigmoid":
+        g = gates.sigmoid(lam, max(tau, 1e-300), 0.5)
+    elif gate == "hard":
+        r = int(np.sum(lam >= tau)) if rank is None else int(rank)
+        g = gates.hard(lam, min(max(r, 0), lam.size))
+    elif gate == "power":
+        g = gates.power(lam, 1.0)
+    elif gate == "none":
+        g = np.ones_like(lam)
+    else:
+        raise ValueError(f"unknown gate {gate!r}.")
+    if g.shape != lam.shape or not np.all(np.isfinite(g)):
+        raise ValueError("gains must be finite with one value per eigenvalue.")
+    return g
+
+
+# ------------------------------------------------------------------------------------- optimizer
+class FoLoRAAdam(torch.optim.Optimizer):
+    r"""Adam with per-direction moments in each layer's spectral coordinates, gated by ``λ``.
+
+    Parameters
+    ----------
+    layers : sequence of SpectralLayer
+        The gated layers (one parameter group each; their ``weight``/``bias`` must not be in
+        ``other_params``).
+    other_params : iterable of Parameter
+        Trained with plain AdamW (one group).
+    lr, betas, eps, weight_decay : as :class:`torch.optim.AdamW`
+        ``lr`` is in weight units for the gated layers too (see ``SpectralLayer.scale``).
+    gate : str or callable, default "ratio"
+        Gain function of the eigenvalues (:func:`resolve_gains`).
+    tau : float or str, default "auto"
+        ``τ`` of the gate: a number, or a rule ``"auto"`` (= ``AUTO_TAU_RULE``), ``"median"``,
+        ``"mean"``, ``"utility"`` (utility fraction ``tau_param``, default 0.3), ``"budget"`` (the gated
+        step spends a fraction ``tau_param`` (default 0.25) of the ungated Adam step's penalty; resolved on
+        the first step after each basis is set, one host synchronization per refresh).
+    tau_param : float, optional
+        Parameter of the ``"utility"``/``"budget"`` rules.
+    tau_scope : {"layer", "global"}, default "layer"
+        ``"global"`` pools the eigenvalues of all layers for a spectral rule (``λ`` is a dimensionless
+        utility-per-penalty ratio, comparable across layers). Not with ``"budget"``.
+    rank : int, optional
+        For ``gate="hard"``: number of directions passed.
+    complement : float, default 0.0
+        Gain ``g⊥`` of the M-orthogonal complement of a top-k basis (ignored for a full basis). The
+        complement has elementwise Adam moments of its own (on the complement part of the gradient),
+        kept only when ``complement > 0``.
+    refresh_moments : {"transport", "reset", "keep"}, default "transport"
+        What :meth:`set_basis` does with the moments of a layer: ``"transport"`` maps the first moment
+        exactly (``m_Z' = m_Z (MV_old)ᵀ V_new``, exact for full bases: ``m_Z (MV)ᵀ`` recovers the
+        first moment of ``G``) and the second with the independence approximation
+        ``v' = v·(T∘T)``, ``T = (MV_old)ᵀ V_new`` (second moments do not transport: cross terms
+        ``E[z_i z_j]`` are not kept); ``"reset"`` zeroes both and restarts bias correction; ``"keep"``
+        leaves them as they are (only meaningful for an unchanged size; an ablation baseline).
+    gate_position : {"moments", "step"}, default "moments"
+        ``"moments"``: the method above. ``"step"``: plain AdamW moments in weight coordinates and the
+        spectral gate applied to the AdamW step (``out = g⊥u + (u·MV)(g−g⊥)Vᵀ``): the ablation's baseline.
+    lora_pencils : mapping name → LoRAPencil, optional
+        Layers that are LoRA ``L_B`` factors: their basis is the r-dim pencil through the current ``L_A``,
+        solved at construction and every ``refresh_every`` steps (the layer's given basis is replaced).
+    refresh_every : int, default 0
+        Period (in steps) of the ``lora_pencils`` refresh; 0 = solve once.
+    on_step : callable, optional
+        ``on_step(self)`` after every step (``GradScaler`` skips ``step`` on inf/NaN, so skipped steps
+        are not counted); :meth:`rqcore_torch.PreservationHandle.optimizer` refreshes bases with it.
+
+    Notes
+    -----
+    Per layer with augmented rows ``W̃ = [W | b]`` (``n × d``), gradient ``G``, basis ``V`` (``d × k``):
+    ``z = G V``; ``m, v`` ← Adam moments of ``z``; ``u = m̂/(√v̂ + eps)``;
+    ``ΔW̃ = −lr·(s·(u·diag(g)) Vᵀ + g⊥·P⊥(u⊥))`` with ``u⊥`` the Adam step of the complement gradient
+    ``G − z (MV)ᵀ`` and ``P⊥(x) = x − (x·MV)Vᵀ``. Since the coordinates of ``Z Vᵀ`` are ``Z``
+    (``VᵀMV = I``), the penalty of the spectral part of the step is ``s²·lr²·Σ g_j² u_j²``: Adam spends
+    about the same penalty on each direction and the gain rations it by ``λ``. Decoupled weight decay:
+    ``W̃ ← W̃ − lr·wd·(g⊥W̃ + (W̃·MV)·diag(g−g⊥)·Vᵀ)``. Cost per layer and step: two ``n·d·k`` products
+    (four with a complement, two more with weight decay).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[SpectralLayer],
+        other_params: Iterable[torch.nn.Parameter] = (),
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        gate: GateSpec = "ratio",
+        tau: TauSpec = "auto",
+        tau_param: float | None = None,
+        tau_scope: str = "layer",
+        rank: int | None = None,
+        complement: float = 0.0,
+        refresh_moments: str = "transport",
+        gate_position: str = "moments",
+        lora_pencils: Mapping[str, LoRAPencil] | None = None,
+        refresh_every: int = 0,
+        on_step: Callable[[FoLoRAAdam], None] | None = None,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError("lr, eps and weight_decay must be >= 0.")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}.")
+        if refresh_moments not in REFRESH_POLICIES:
+            raise ValueError(f"refresh_moments must be one of {REFRESH_POLICIES}.")
+        if gate_position not in ("moments", "step"):
+            raise ValueError("gate_position must be 'moments' or 'step'.")
+        if tau_scope not in ("layer", "global"):
+            raise ValueError("tau_scope must be 'layer' or 'global'.")
+        if isinstance(tau, str) and tau not in TAU_RULES:
+            raise ValueError(f"unknown tau rule {tau!r}; expected a number or one of {TAU_RULES}.")
+        if tau_scope == "global" and tau == "budget":
+            raise ValueError("tau='budget' is resolved per layer; use tau_scope='layer'.")
+        if not 0.0 <= complement <= 1.0:
+            raise ValueError(f"complement must lie in [0, 1], got {complement}.")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        groups: list[dict[str, Any]] = []
+        self._layers: dict[str, SpectralLayer] = {}
+        for layer in layers:
+            if layer.name in self._layers:
+                raise ValueError(f"duplicate layer name {layer.name!r}.")
+            self._layers[layer.name] = layer
+            params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+            groups.append({"params": params, "layer": layer.name})
+        others = list(other_params)
+        if others:
+            groups.append({"params": others, "layer": None})
+        super().__init__(groups, defaults)
+        self.gate = gate
+        self.tau = tau
+        self.tau_param = tau_param
+        self.tau_scope = tau_scope
+        self.rank = rank
+        self.complement = float(complement)
+        self.refresh_moments = refresh_moments
+        self.gate_position = gate_position
+        self.lora_pencils = dict(lora_pencils or {})
+        self.refresh_every = int(refresh_every)
+        self.on_step = on_step
+        self._global_step = 0
+        self._scales: dict[str, float] = {}
+        for layer in self._layers.values():
+            self._install(layer.name, layer.values, layer.vectors, layer.dual, layer.scale)
+        for name, pencil in self.lora_pencils.items():
+            if name not in self._layers:
+                raise ValueError(f"lora_pencils names unknown layer {name!r}.")
+            self._solve_lora(name, pencil, initial=True)
+        self._resolve_all_gains()
+
+    # -------------------------------------------------------------------------------- basis state
+    def _lstate(self, name: str) -> dict[str, Any]:
+        return self.state[self._layers[name].weight]
+
+    def _install(
+        self,
+        name: str,
+        values: torch.Tensor,
+        vectors: torch.Tensor,
+        dual: torch.Tensor,
+        scale: float | None,
+    ) -> None:
+        layer = self._layers[name]
+        p = layer.weight
+        st = self.state[p]
+        # Everything in the parameter's dtype: torch's load_state_dict casts state to it, and an exact
+        # resume needs the restored values to be the ones used.
+        st["values"] = values.detach().to(device=p.device, dtype=p.dtype).clone()
+        st["vectors"] = vectors.detach().to(device=p.device, dtype=p.dtype).clone()
+        st["dual"] = dual.detach().to(device=p.device, dtype=p.dtype).clone()
+        k = vectors.shape[1]
+        if scale is None:
+            scale = float(torch.linalg.norm(dual.double()) / math.sqrt(k))
+        st["scale"] = torch.tensor(float(scale), dtype=p.dtype, device=p.device)
+        self._scales[name] = float(
+            st["scale"]
+        )  # host copy: reading a device scalar per step would sync
+        st["tau"] = torch.tensor(float("nan"), dtype=p.dtype, device=p.device)
+
+    def _resolve_all_gains(self) -> None:
+        names = list(self._layers)
+        pooled = None
+        if self.tau_scope == "global" and isinstance(self.tau, str):
+            pooled = np.concatenate([self._lstate(n)["values"].cpu().numpy() for n in names])
+        for n in names:
+            self._resolve_gains(n, pooled)
+
+    def _resolve_gains(self, name: str, pooled: np.ndarray | None = None) -> None:
+        st = self._lstate(name)
+        lam = st["values"].cpu().numpy()
+        if self.tau == "budget":
+            st["gains"] = torch.ones_like(st["values"])  # placeholder until the first step
+            st["budget_pending"] = True
+            return
+        if pooled is None and self.tau_scope == "global" and isinstance(self.tau, str):
+            pooled = np.concatenate([self._lstate(n)["values"].cpu().numpy() for n in self._layers])
+        tau = resolve_tau(lam if pooled is None else pooled, self.tau, self.tau_param)
+        self._set_gains(name, tau)
+
+    def _set_gains(self, name: str, tau: float) -> None:
+        st = self._lstate(name)
+        g = resolve_gains(st["values"].cpu().numpy(), self.gate, tau, self.rank)
+        st["tau"] = torch.tensor(tau, dtype=st["values"].dtype, device=st["values"].device)
+        st["gains"] = torch.as_tensor(g, dtype=st["values"].dtype, device=st["values"].device)
+        st["budget_pending"] = False
+
+    def gains(self, name: str) -> torch.Tensor:
+        """The current gains ``g`` of layer ``name`` (in the weight's dtype)."""
+        return self._lstate(name)["gains"]
+
+    def set_basis(
+        self,
+        name: str,
+        values: torch.Tensor | np.ndarray,
+        vectors: torch.Tensor | np.ndarray,
+        dual: torch.Tensor | np.ndarray,
+        scale: float | None = None,
+    ) -> None:
+        """Replace layer ``name``'s basis and handle its moments by ``refresh_moments``.
+
+        ``scale`` defaults to the layer's current one (``tr(M)/d`` does not change much between
+        refreshes; pass it when ``C_p`` was re-estimated).
+        """
+        st = self._lstate(name)
+        p = self._layers[name].weight
+        values_t = torch.as_tensor(values).to(device=p.device, dtype=p.dtype)
+        V_new = torch.as_tensor(vectors).to(device=p.device, dtype=p.dtype)
+        MV_new = torch.as_tensor(dual).to(device=p.device, dtype=p.dtype)
+        d, k_new = V_new.shape
+        if d != st["vectors"].shape[0] or tuple(MV_new.shape) != (d, k_new):
+            raise ValueError(f"layer {name!r}: new basis must be ({st['vectors'].shape[0]}, k).")
+        old_MV, old_k = st["dual"], st["vectors"].shape[1]
+        if scale is None:
+            scale = self._scales[name]
+        if "exp_avg" in st:
+            self._refresh_moments(st, old_MV, V_new, MV_new, old_k, k_new)
+        self._install(name, values_t, V_new, MV_new, scale)
+        self._resolve_gains(name)
+
+    def _refresh_moments(
+        self,
+        st: dict[str, Any],
+        old_MV: torch.Tensor,
+        V_new: torch.Tensor,
+        MV_new: torch.Tensor,
+        old_k: int,
+        k_new: int,
+    ) -> None:
+        policy = self.refresh_moments
+        if self.gate_position == "step":
+            return  # moments live in weight coordinates: nothing to do
+        if policy == "keep" and old_k != k_new:
+            policy = "reset"
+        if policy == "reset":
+            st["exp_avg"] = st["exp_avg"].new_zeros(st["exp_avg"].shape[0], k_new)
+            st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+            st["step"] = torch.zeros_like(st["step"])
+            for key in ("comp_exp_avg", "comp_exp_avg_sq"):
+                if key in st:
+                    st[key].zero_()
+            return
+        if policy == "keep":
+            return
+        # transport: the first moment is a linear functional of G; reconstruct it and re-project.
+        m_G = st["exp_avg"] @ old_MV.T  # (n, d): exact for a full basis (V MVᵀ = I)
+        if "comp_exp_avg" in st:
+            m_G = m_G + st["comp_exp_avg"]
+        z_new = m_G @ V_new
+        T = old_MV.T @ V_new  # (k_old, k_new): z_new = z_old T for the in-span part
+        st["exp_avg_sq"] = st["exp_avg_sq"] @ (T * T)  # independence approximation
+        st["exp_avg"] = z_new
+        if "comp_exp_avg" in st:
+            st["comp_exp_avg"] = m_G - z_new @ MV_new.T  # complement part under the new basis
+
+    def _solve_lora(self, name: str, pencil: LoRAPencil, initial: bool = False) -> None:
+        values, vectors, dual, scale = pencil.solve()
+        if initial:
+            self._install(name, values, vectors, dual, scale)
+        else:
+            self.set_basis(name, values, vectors, dual, scale)
+
+    # --------------------------------------------------------------------------------------- step
+    @staticmethod
+    def _rows(layer: SpectralLayer, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        W = w.T if layer.transposed else w
+        return W if b is None else torch.cat([W, b.unsqueeze(1)], dim=1)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimization step (see the class notes)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._global_step += 1
+        if self.lora_pencils and self.refresh_every > 0 and self._global_step > 1:
+            if (self._global_step - 1) % self.refresh_every == 0:
+                for name, pencil in self.lora_pencils.items():
+                    self._solve_lora(name, pencil)
+        for group in self.param_groups:
+            if group["layer"] is None:
+                self._adamw(group)
+            else:
+                self._spectral(group)
+        if self.on_step is not None:
+            self.on_step(self)  # e.g. the preserve() handle's basis refresh (set_basis)
+        return loss
+
+    def _adamw(self, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if "step" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float64)
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+            st["step"] += 1
+            t = float(st["step"])
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            st["exp_avg"].lerp_(p.grad, 1 - beta1)
+            st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (st["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
+            p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1 - beta1**t))
+
+    def _spectral(self, group: dict[str, Any]) -> None:
+        layer = self._layers[group["layer"]]
+        w, b = layer.weight, layer.bias
+        if w.grad is None and (b is None or b.grad is None):
+            return
+        st = self.state[w]
+        gw = w.grad if w.grad is not None else torch.zeros_like(w)
+        gb = None if b is None else (b.grad if b.grad is not None else torch.zeros_like(b))
+        G = self._rows(layer, gw, gb)
+        V, MV, g = st["vectors"], st["dual"], st["gains"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        n, d = G.shape
+        k = V.shape[1]
+        full = k == d
+        use_comp = not full and self.complement > 0
+        if "step" not in st:
+            st["step"] = torch.zeros((), dtype=torch.float64)
+            shape = (n, d) if self.gate_position == "step" else (n, k)
+            st["exp_avg"] = G.new_zeros(shape)
+            st["exp_avg_sq"] = G.new_zeros(shape)
+        if use_comp and self.gate_position == "moments" and "comp_exp_avg" not in st:
+            st["comp_exp_avg"] = G.new_zeros(n, d)
+            st["comp_exp_avg_sq"] = G.new_zeros(n, d)
+        st["step"] += 1
+        t = float(st["step"])
+        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+        gc = self.complement if not full else 0.0
+        scale = self._scales[layer.name]
+        if self.gate_position == "step":
+            m, v = st["exp_avg"], st["exp_avg_sq"]
+            m.lerp_(G, 1 - beta1)
+            v.mul_(beta2).addcmul_(G, G, value=1 - beta2)
+            u = (m / bc1) / ((v / bc2).sqrt_().add_(eps))
+            if st.get("budget_pending"):
+                self._budget_tau(layer.name, u @ MV)
+                g = st["gains"]
+            coef = (g.to(u.dtype) - gc) * -lr
+            step = torch.addmm(u * (-lr * gc), u @ MV, coef.unsqueeze(1) * V.T) if gc else None
+            if step is None:
+                step = (u @ MV) @ (coef.unsqueeze(1) * V.T)
+        else:
+            z = G @ V
+            m, v = st["exp_avg"], st["exp_avg_sq"]
+            m.lerp_(z, 1 - beta1)
+            v.mul_(beta2).addcmul_(z, z, value=1 - beta2)
+            u = (m / bc1) / ((v / bc2).sqrt_().add_(eps))
+            if st.get("budget_pending"):
+                self._budget_tau(layer.name, u)
+                g = st["gains"]
+            # gain and step size folded into the (k, d) right factor: one product for the step.
+            step = u @ ((g.to(u.dtype) * (-lr * scale)).unsqueeze(1) * V.T)
+            if use_comp:
+                gp = G - z @ MV.T  # complement part of the gradient (annihilates V)
+                cm, cv = st["comp_exp_avg"], st["comp_exp_avg_sq"]
+                cm.lerp_(gp, 1 - beta1)
+                cv.mul_(beta2).addcmul_(gp, gp, value=1 - beta2)
+                uc = (cm / bc1) / ((cv / bc2).sqrt_().add_(eps))
+                uc = uc - (uc @ MV) @ V.T  # M-orthogonal projection onto the complement
+                step.add_(uc, alpha=-lr * gc)
+        if wd:
+            Wt = self._rows(layer, w, b)
+            decay = (Wt @ MV) @ ((g.to(Wt.dtype) - gc).unsqueeze(1) * V.T)
+            if gc:
+                decay.add_(Wt, alpha=gc)
+            step.add_(decay, alpha=-lr * wd)
+        self._apply_rows(layer, step)
+
+    def _budget_tau(self, name: str, coords: torch.Tensor) -> None:
+        q = 0.25 if self.tau_param is None else self.tau_param
+        lam = self._lstate(name)["values"].cpu().numpy()
+        c = coords.detach().double().cpu().numpy()
+        try:
+            tau = gates.tau_for_penalty_budget(lam, c, q)
+        except ValueError:  # budget cannot bind (or zero step): fall back to the spectral rule
+            tau = resolve_tau(lam, AUTO_TAU_RULE)
+        self._set_gains(name, tau)
+
+    @staticmethod
+    def _apply_rows(layer: SpectralLayer, step: torch.Tensor) -> None:
+        d_in = layer.shape_out_in[1]
+        sw = step[:, :d_in]
+        layer.weight.add_(sw.T if layer.transposed else sw)
+        if layer.bias is not None:
+            layer.bias.add_(step[:, d_in])
+
+    # ------------------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's optimizer state plus the step counter (bases, gains and ``τ`` live in the state)."""
+        sd = super().state_dict()
+        sd["folora_global_step"] = self._global_step
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore, bases included, so a resumed run continues exactly."""
+        sd = dict(state_dict)
+        self._global_step = int(sd.pop("folora_global_step", 0))
+        super().load_state_dict(sd)
+        for name, layer in self._layers.items():
+            self._scales[name] = float(self.state[layer.weight]["scale"])

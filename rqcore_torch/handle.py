@@ -1,0 +1,712 @@
+"""The object :func:`rqcore_torch.preserve` returns: bases, gates, monitoring, refresh and cleanup.
+
+A :class:`PreservationHandle` owns everything preservation needs — the calibration statistics, the
+``W₀`` snapshots, one factored pencil and one projector per distinct layer input, and the hooks of online
+task tracking — so nothing is stored on the user's modules, and :meth:`PreservationHandle.remove` (or
+leaving a ``with`` block) detaches every hook.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rqcore import NullspaceProjector, Pencil, RayleighBasis, gates, generalized_topk
+from rqcore_torch._linalg import dense_generalized_topk
+from rqcore_torch.calibration import CalibrationStatistics, _InputCollector, _LayerEntry
+from rqcore_torch.config import PreserveConfig
+from rqcore_torch.projectors import LayerGate, TorchGate, to_torch
+from rqcore_torch.targets import Target
+
+if TYPE_CHECKING:
+    from rqcore_torch.folora import FoLoRAAdam, SpectralLayer
+
+__all__ = ["LayerReport", "PenaltyReport", "PreservationHandle", "Report"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PenaltyReport:
+    """The forgetting meter: ``tr(ΔW C_p ΔWᵀ) / tr(W₀ C_p W₀ᵀ)`` per layer and in total.
+
+    Attributes
+    ----------
+    per_layer : dict of str to float
+    total : float
+        ``Σ_l tr(ΔW_l C_l ΔW_lᵀ) / Σ_l tr(W₀_l C_l W₀_lᵀ)``.
+    """
+
+    per_layer: dict[str, float]
+    total: float
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One row of :meth:`PreservationHandle.report`.
+
+    Attributes
+    ----------
+    layer : str
+    d_in : int
+    rank : int
+        Basis vectors (gate) or blocked directions (nullspace); 0 when nothing is gated.
+    top_lambda : float
+        Largest generalized eigenvalue (gate) or largest ``C_p`` eigenvalue (nullspace).
+    mean_gain : float
+        Mean gain over the ``d`` directions of the augmented input space.
+    penalty : float
+        This layer's forgetting penalty.
+    """
+
+    layer: str
+    d_in: int
+    rank: int
+    top_lambda: float
+    mean_gain: float
+    penalty: float
+
+
+class Report(list[LayerReport]):
+    """A list of :class:`LayerReport` that prints as a table."""
+
+    def __str__(self) -> str:
+        header = (
+            f"{'layer':<48} {'d_in':>6} {'rank':>6} {'top λ':>10} {'mean gain':>9} {'penalty':>10}"
+        )
+        lines = [header, "-" * len(header)]
+        for r in self:
+            lines.append(
+                f"{r.layer[-48:]:<48} {r.d_in:>6} {r.rank:>6} {r.top_lambda:>10.4g} "
+                f"{r.mean_gain:>9.3f} {r.penalty:>10.3g}"
+            )
+        return "\n".join(lines)
+
+
+def _gain_rule(config: PreserveConfig) -> Callable[[np.ndarray], Any]:
+    """Gains as a function of the eigenvalues (re-evaluated at every refresh)."""
+    if callable(config.gate):
+        return config.gate
+    name = str(config.gate)
+    fn = getattr(gates, name)
+    opts = dict(config.gate_options)
+    if name in ("ratio", "threshold", "sigmoid"):
+
+        def rule(lam: np.ndarray) -> Any:
+            if config.tau == "auto":
+                if not (np.asarray(lam) > 0).any():
+                    return np.zeros(len(lam))  # no direction buys any utility
+                tau = gates.tau_for_utility_fraction(lam, float(config.tau_fraction or 0.9))
+            else:
+                tau = float(config.tau)
+            return fn(lam, tau, **opts)
+
+        return rule
+    return lambda lam: fn(lam, **opts)
+
+
+class PreservationHandle:
+    """Preservation state of one model: statistics, bases and gates, meters; see :func:`preserve`.
+
+    Parameters
+    ----------
+    model : nn.Module
+    config : PreserveConfig
+    targets : sequence of Target
+        The preserved layers; those without statistics are reported, not gated.
+    statistics : CalibrationStatistics
+        ``C_p``, from :func:`~rqcore_torch.calibrate`.
+    task_statistics : CalibrationStatistics, optional
+        ``C_t`` from a task pre-pass.
+    w0 : dict of str to Tensor, optional
+        ``[W₀ | b₀]`` snapshots (default: the current weights).
+    step : int, default 0
+        Optimizer steps already taken (restored by :func:`~rqcore_torch.load`).
+
+    Notes
+    -----
+    Without task statistics the initial ``C_t`` is isotropic, ``(tr C_p / d)·I``: the first basis then
+    favours the directions the pretraining data uses least. Online tracking (``refresh_every``) replaces
+    it with the statistics of the training batches seen since the previous refresh.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from rqcore_torch import preserve
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    >>> with preserve(model, [torch.randn(16, 4)], method="nullspace", progress=False) as handle:
+    ...     opt = handle.optimizer(torch.optim.SGD, lr=0.1)
+    ...     model(torch.randn(8, 4)).pow(2).mean().backward()
+    ...     _ = opt.step()
+    ...     print(handle.penalty().total < 1e-3)
+    True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PreserveConfig,
+        targets: Sequence[Target],
+        statistics: CalibrationStatistics,
+        *,
+        task_statistics: CalibrationStatistics | None = None,
+        w0: dict[str, torch.Tensor] | None = None,
+        step: int = 0,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.all_targets = list(targets)
+        self.targets = [t for t in targets if t.name in statistics.layers]
+        self.unreached = [t.name for t in targets if t.name not in statistics.layers]
+        self.statistics = statistics
+        self.task_statistics = task_statistics
+        self.step = int(step)
+        self._w0 = w0 if w0 is not None else {t.name: t.effective_weight() for t in self.targets}
+        self._pencils: dict[str, Pencil] = {}
+        self._projectors: dict[str, RayleighBasis | NullspaceProjector] = {}
+        self._torch_gates: dict[tuple[str, torch.device, torch.dtype], TorchGate] = {}
+        self._scales: dict[str, float] = {}  # FoLoRA step scale sqrt(tr(M)/d) per group
+        self._hooks: list[Any] = []
+        self._online: _InputCollector | None = None
+        self._online_stats: CalibrationStatistics | None = None
+        self._removed = False
+        if config.method != "none":
+            self._solve_all()
+        if config.method == "gate" and config.refresh_every is not None:
+            self._attach_online()
+        elif config.method == "folora" and (
+            config.refresh_every is not None or self._warmup_pending
+        ):
+            self._attach_online()
+
+    # ------------------------------------------------------------------ solves
+    @property
+    def groups(self) -> list[str]:
+        """Distinct inputs (accumulator groups) of the preserved layers, in layer order."""
+        seen: dict[str, None] = {}
+        for t in self.targets:
+            seen.setdefault(self.statistics.layers[t.name].group, None)
+        return list(seen)
+
+    def _task_covariance(self, group: str, Cp: torch.Tensor) -> torch.Tensor:
+        for stats in (self._online_stats, self.task_statistics):
+            if stats is not None and group in stats.groups:
+                acc = stats.groups[group]
+                if float(acc.total_weight) > 0:
+                    return acc.covariance().to(Cp.device)
+        d = Cp.shape[0]
+        return torch.eye(d, dtype=Cp.dtype, device=Cp.device) * (torch.trace(Cp) / d)
+
+    def _solve(self, group: str) -> None:
+        cfg = self.config
+        Cp = self.statistics.groups[group].covariance()
+        Cp_np = Cp.detach().cpu().numpy()
+        if cfg.method == "nullspace":
+            self._projectors[group] = NullspaceProjector(Cp_np, energy=cfg.energy)
+            return
+        d = Cp.shape[0]
+        k = min(cfg.rank or d, d)
+        Ct = self._task_covariance(group, Cp)
+        tr_mean = float(torch.trace(Cp)) / d
+        rule = _gain_rule(cfg)
+        if Cp.device.type == "cuda":
+            # Dense solve on the device; the core basis is built from host copies.
+            values, vectors, reg_used = dense_generalized_topk(Ct, Cp, k, reg=cfg.reg or 0.0)
+            basis = RayleighBasis(
+                values.cpu().numpy(),
+                vectors.cpu().numpy(),
+                B=Cp_np,
+                reg_used=float(reg_used),
+                A=Ct.cpu().numpy(),
+                gains=rule,
+                complement=cfg.complement,
+            )
+        else:
+            pencil = self._pencils.get(group)
+            if pencil is None:  # factor C_p once per group; refreshes reuse it
+                pencil = self._pencils[group] = Pencil(Cp_np, reg=cfg.reg or 0.0)
+            prev = self._projectors.get(group)
+            v0 = prev.vectors if isinstance(prev, RayleighBasis) and prev.rank == k else None
+            Ct_np = Ct.detach().cpu().numpy()
+            result = generalized_topk(Ct_np, pencil, k, v0=v0)
+            basis = RayleighBasis.from_result(
+                result, A=Ct_np, gains=rule, complement=cfg.complement
+            )
+        self._projectors[group] = basis
+        self._scales[group] = math.sqrt(max(tr_mean + float(basis.reg_used), 1e-30))
+
+    def _solve_all(self) -> None:
+        for group in self.groups:
+            self._solve(group)
+        self._torch_gates.clear()
+
+    def refresh(self) -> None:
+        """Re-solve every pencil from the latest task statistics (warm-started, ``C_p`` not refactored).
+
+        Called every ``refresh_every`` optimizer steps by the wrapped optimizer; the task statistics
+        tracked online are then reset, so each refresh reflects the steps since the previous one.
+        """
+        if self.config.method not in ("gate", "folora"):
+            return
+        self._solve_all()
+        if self._online_stats is not None:
+            layout = dict(self._online_stats.layers)
+            self._online_stats = CalibrationStatistics()
+            self._online_stats.layers = layout
+            if self._online is not None:
+                self._online.stats = self._online_stats
+        logger.info("refreshed %d pencils at step %d", len(self._projectors), self.step)
+
+    def projector(self, name: str) -> RayleighBasis | NullspaceProjector:
+        """The core projector of layer ``name`` (shared by layers with the same input).
+
+        Raises
+        ------
+        KeyError
+            If the layer is not gated.
+        """
+        if name not in self.statistics.layers or not self._projectors:
+            raise KeyError(f"layer {name!r} has no projector (method={self.config.method!r}).")
+        return self._projectors[self.statistics.layers[name].group]
+
+    # ------------------------------------------------------------------ online task statistics
+    @property
+    def _warmup_pending(self) -> bool:
+        """FoLoRA without task statistics: the first ``task_warmup`` steps collect ``C_t`` online."""
+        cfg = self.config
+        return (
+            cfg.method == "folora"
+            and cfg.task_warmup is not None
+            and self.task_statistics is None
+            and self.step < cfg.task_warmup
+        )
+
+    def _tracking_active(self) -> bool:
+        if not (self.model.training and torch.is_grad_enabled()):
+            return False  # evaluation loops must not pollute C_t
+        if self._warmup_pending:
+            return True
+        window, every = self.config.task_window, self.config.refresh_every
+        if every is None:
+            return (
+                self.config.method == "gate"
+            )  # folora after its warm-up refresh: nothing to track
+        if window is None:
+            return True
+        return self.step % every >= every - window
+
+    def _attach_online(self) -> None:
+        stats = CalibrationStatistics()
+        stats.layers = {n: _LayerEntry(e.group, e.dim) for n, e in self.statistics.layers.items()}
+        self._online_stats = stats
+        collector = _InputCollector(
+            self.targets,
+            stats,
+            token_fraction=self.config.task_token_fraction,
+            seed=self.config.seed,
+            share_inputs=self.config.share_inputs,
+            active=self._tracking_active,
+        )
+        collector.attach()
+        self._online = collector
+
+        def root_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self._tracking_active():
+                mask = kwargs.get("attention_mask")
+                ok = isinstance(mask, torch.Tensor) and mask.ndim == 2
+                collector.begin_batch(mask.bool() if ok else None, self.step)  # type: ignore[union-attr]
+
+        self._hooks.append(self.model.register_forward_pre_hook(root_hook, with_kwargs=True))
+
+    # ------------------------------------------------------------------ optimizer side
+    def _gate_for(self, group: str, device: torch.device, dtype: torch.dtype) -> TorchGate:
+        key = (group, device, dtype)
+        gate = self._torch_gates.get(key)
+        if gate is None:
+            gate = self._torch_gates[key] = to_torch(
+                self._projectors[group], device=device, dtype=dtype
+            )
+        return gate
+
+    def layer_gates(self) -> list[LayerGate]:
+        """One :class:`~rqcore_torch.projectors.LayerGate` per trainable gated parameter.
+
+        Returns
+        -------
+        list of LayerGate
+            Empty for ``method="none"``. A frozen parameter is left out (it is not in the optimizer).
+        """
+        if self.config.method == "none":
+            return []
+        out = []
+        for t in self.targets:
+            group = self.statistics.layers[t.name].group
+            for pname, w, b, transposed in t.gated:
+                if not w.requires_grad:
+                    continue
+                if b is not None and not b.requires_grad:
+                    logger.warning(
+                        "%s: the bias is frozen but the weight is not; not gated.", pname
+                    )
+                    continue
+                gate = self._gate_for(group, w.device, w.dtype)
+                out.append(LayerGate(pname, w, b, gate, transposed))
+        return out
+
+    def spectral_layers(self) -> list[SpectralLayer]:
+        """One :class:`~rqcore_torch.folora.SpectralLayer` per trainable gated weight (``"folora"``).
+
+        Layers sharing an input share its basis. A frozen weight is left out, and so is a trainable
+        weight whose bias is frozen (its statistics are augmented with the bias column): it is then
+        trained by the plain-Adam part of :class:`~rqcore_torch.FoLoRAAdam`, with a warning.
+
+        Returns
+        -------
+        list of SpectralLayer
+        """
+        from rqcore_torch.folora import SpectralLayer
+
+        out = []
+        for t in self.targets:
+            group = self.statistics.layers[t.name].group
+            basis = self._projectors[group]
+            if not isinstance(basis, RayleighBasis):
+                raise RuntimeError(
+                    f"layer {t.name!r} has no spectral basis (method={self.config.method!r})."
+                )
+            for pname, w, b, transposed in t.gated:
+                if not w.requires_grad:
+                    continue
+                if b is not None and not b.requires_grad:
+                    logger.warning(
+                        "%s: the bias is frozen but the weight is not; not gated.", pname
+                    )
+                    continue
+
+                def conv(a: np.ndarray, w: torch.Tensor = w) -> torch.Tensor:
+                    return torch.as_tensor(np.ascontiguousarray(a)).to(
+                        device=w.device, dtype=w.dtype
+                    )
+
+                out.append(
+                    SpectralLayer(
+                        name=pname,
+                        weight=w,
+                        bias=b,
+                        values=conv(basis.values),
+                        vectors=conv(basis.vectors),
+                        dual=conv(basis.MV),
+                        transposed=transposed,
+                        scale=self._scales[group],
+                    )
+                )
+        return out
+
+    def _refresh_due(self) -> bool:
+        every = self.config.refresh_every
+        if every is not None and self.step % every == 0:
+            return True
+        cfg = self.config
+        return (
+            cfg.method == "folora"
+            and cfg.task_warmup is not None
+            and self.task_statistics is None
+            and self.step == cfg.task_warmup
+        )
+
+    def _on_folora_step(self, optimizer: FoLoRAAdam) -> None:
+        self.step += 1
+        if self._refresh_due():
+            self.refresh()
+            for layer in self.spectral_layers():  # moments are transported by set_basis
+                optimizer.set_basis(
+                    layer.name, layer.values, layer.vectors, layer.dual, scale=layer.scale
+                )
+
+    def _online_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self._online_stats is None:
+            return {}
+        return {
+            g: {k: torch.as_tensor(np.asarray(v)) for k, v in acc.state_dict().items()}
+            for g, acc in self._online_stats.groups.items()
+        }
+
+    def _load_online_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        from rqcore_torch.statistics import TorchCovariance
+
+        if self._online_stats is None:
+            return
+        self._online_stats.groups.clear()
+        for g, st in state.items():
+            host = {k: v.cpu().numpy() for k, v in st.items()}
+            device = self.statistics.groups[g].device if g in self.statistics.groups else None
+            self._online_stats.groups[g] = TorchCovariance.from_state_dict(host, device=device)
+
+    def _folora_optimizer(self, cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> Any:
+        from rqcore_torch.folora import FoLoRAAdam
+
+        if not (isinstance(cls, type) and issubclass(cls, (torch.optim.Adam, torch.optim.AdamW))):
+            raise TypeError(
+                f'method="folora" is a gated Adam: pass torch.optim.AdamW (or Adam) for its '
+                f'hyperparameters, got {cls!r}; for another optimizer use method="gate".'
+            )
+        defaults = {
+            k: p.default
+            for k, p in inspect.signature(cls).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        opts = dict(kwargs)
+        hyper = {k: opts.pop(k, defaults.get(k)) for k in ("lr", "betas", "eps", "weight_decay")}
+        for flag in ("amsgrad", "maximize"):
+            if opts.pop(flag, False):
+                raise ValueError(
+                    f'method="folora" does not support {flag}=True; use method="gate".'
+                )
+        for k in ("foreach", "fused", "capturable", "differentiable", "decoupled_weight_decay"):
+            opts.pop(k, None)  # implementation switches of torch's Adam: no meaning here
+        if opts:
+            raise TypeError(f'unexpected optimizer arguments for method="folora": {sorted(opts)}.')
+        lr = hyper["lr"]
+        layers = self.spectral_layers()
+        gated = {id(p) for lay in layers for p in (lay.weight, lay.bias) if p is not None}
+        others = [p for p in self.model.parameters() if p.requires_grad and id(p) not in gated]
+        cfg = self.config
+        optimizer = FoLoRAAdam(
+            layers,
+            others,
+            lr=float(lr.item() if isinstance(lr, torch.Tensor) else lr),
+            betas=tuple(hyper["betas"]),
+            eps=float(hyper["eps"]),
+            weight_decay=float(hyper["weight_decay"]),
+            gate=cfg.gate,
+            # "auto" is the utility-fraction rule with the config's fraction (0.3 by default).
+            tau="utility" if cfg.tau == "auto" else float(cfg.tau),
+            tau_param=cfg.tau_fraction,
+            rank=cfg.gate_options.get("rank"),
+            complement=cfg.complement,
+            on_step=self._on_folora_step,
+        )
+
+        # The handle's schedule (step counter, task statistics since the last refresh) travels with
+        # the optimizer's state dict, so a resumed run refreshes at the same steps with the same C_t.
+        def save_hook(opt: Any, sd: dict[str, Any]) -> dict[str, Any]:
+            sd["preserve"] = {"step": self.step, "online": self._online_state()}
+            return sd
+
+        def load_hook(opt: Any, sd: dict[str, Any]) -> dict[str, Any]:
+            sd = dict(sd)
+            extra = sd.pop("preserve", None)
+            if extra is not None:
+                self.step = int(extra["step"])
+                self._load_online_state(extra["online"])
+                if self._online is not None:
+                    self._online.stats = self._online_stats  # type: ignore[assignment]
+            return sd
+
+        optimizer.register_state_dict_post_hook(save_hook)
+        optimizer.register_load_state_dict_pre_hook(load_hook)
+        return optimizer
+
+    def _on_step(self, optimizer: Any) -> None:
+        self.step += 1
+        every = self.config.refresh_every
+        if self.config.method == "gate" and every is not None and self.step % every == 0:
+            self.refresh()
+            optimizer.set_layers(self.layer_gates())
+
+    def wrap(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Gate ``optimizer``'s steps: ``GatedOptimizer(optimizer, layer_gates(), on_step=...)``.
+
+        Parameters
+        ----------
+        optimizer : torch.optim.Optimizer
+            Must hold the trainable gated parameters.
+
+        Returns
+        -------
+        rqcore_torch.optim.GatedOptimizer
+            For ``method="none"`` it gates nothing but still counts steps (monitoring only).
+
+        Raises
+        ------
+        TypeError
+            For ``method="folora"``: FoLoRA keeps Adam's moments in each layer's spectral basis, so it
+            replaces the optimizer instead of wrapping one; use :meth:`optimizer`.
+        """
+        from rqcore_torch.optim import GatedOptimizer
+
+        if self.config.method == "folora":
+            raise TypeError(
+                'method="folora" replaces the optimizer (its Adam moments live in each layer\'s '
+                "spectral basis), so it cannot wrap an existing one: build it with "
+                "handle.optimizer(torch.optim.AdamW, lr=..., weight_decay=...), or use "
+                'preserve(..., method="gate") to gate any optimizer.'
+            )
+        self._check_alive()
+        return GatedOptimizer(optimizer, self.layer_gates(), on_step=self._on_step)
+
+    def optimizer(self, cls: type[torch.optim.Optimizer], **kwargs: Any) -> Any:
+        """The optimizer of the run: FoLoRA's gated Adam, or ``cls`` wrapped by :meth:`wrap`.
+
+        Parameters
+        ----------
+        cls : type
+            For ``method="folora"``: ``torch.optim.AdamW`` (or ``Adam``), whose ``lr``, ``betas``,
+            ``eps`` and ``weight_decay`` (decoupled; AdamW's defaults when omitted) configure a
+            :class:`~rqcore_torch.FoLoRAAdam` over the target layers (one per trainable gated weight,
+            with its bias), every other trainable parameter going to its plain-AdamW group; the bases
+            are re-solved and installed with ``set_basis`` after ``task_warmup`` steps (no task
+            statistics) and every ``refresh_every`` steps. Otherwise any optimizer class, built over
+            the trainable parameters and wrapped.
+        **kwargs
+            Arguments of ``cls``.
+
+        Raises
+        ------
+        TypeError
+            For ``method="folora"`` with a class other than Adam/AdamW, or unknown arguments.
+        ValueError
+            For ``method="folora"`` with ``amsgrad=True`` or ``maximize=True``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from rqcore_torch import preserve
+        >>> model = nn.Linear(3, 2)
+        >>> handle = preserve(model, [torch.randn(8, 3)], method="gate", progress=False)
+        >>> type(handle.optimizer(torch.optim.AdamW, lr=1e-3)).__name__
+        'GatedOptimizer'
+        >>> handle = preserve(model, [torch.randn(8, 3)], progress=False)  # method="folora"
+        >>> type(handle.optimizer(torch.optim.AdamW, lr=1e-3)).__name__
+        'FoLoRAAdam'
+        """
+        if self.config.method == "folora":
+            self._check_alive()
+            return self._folora_optimizer(cls, kwargs)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return self.wrap(cls(params, **kwargs))
+
+    # ------------------------------------------------------------------ monitoring
+    def penalty(self) -> PenaltyReport:
+        """The forgetting meter ``tr((W−W₀) C_p (W−W₀)ᵀ) / tr(W₀ C_p W₀ᵀ)``, with ``[W | b]``.
+
+        Returns
+        -------
+        PenaltyReport
+        """
+        per: dict[str, float] = {}
+        num_total = den_total = 0.0
+        with torch.no_grad():
+            for t in self.targets:
+                C = self.statistics.covariance(t.name)
+                W = t.effective_weight().to(device=C.device, dtype=torch.float64)
+                W0 = self._w0[t.name].to(device=C.device, dtype=torch.float64)
+                if W.shape[1] != C.shape[0]:  # LoRA: the gated factors see the plain input
+                    W, W0 = W[:, : C.shape[0]], W0[:, : C.shape[0]]
+                D = W - W0
+                num = float(((D @ C) * D).sum())
+                den = float(((W0 @ C) * W0).sum())
+                per[t.name] = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+                num_total += num
+                den_total += den
+        total = num_total / den_total if den_total > 0 else 0.0
+        return PenaltyReport(per, total)
+
+    def report(self) -> Report:
+        """Per layer: input size, rank, top eigenvalue, mean gain and penalty (prints as a table)."""
+        pen = self.penalty().per_layer
+        rows = Report()
+        for t in self.targets:
+            proj = self._projectors.get(self.statistics.layers[t.name].group)
+            d = t.dim
+            if isinstance(proj, RayleighBasis):
+                gains = np.concatenate([proj.gains, np.full(d - proj.rank, proj.complement)])
+                rank, top, mean = proj.rank, float(proj.values[0]), float(gains.mean())
+            elif isinstance(proj, NullspaceProjector):
+                rank, top, mean = proj.rank, float(proj.values[0]), 1.0 - proj.rank / d
+            else:
+                rank, top, mean = 0, float("nan"), 1.0
+            rows.append(LayerReport(t.name, t.d_in, rank, top, mean, pen[t.name]))
+        return rows
+
+    def plot(self, path: str | Path) -> None:
+        """Save a PNG of each layer's spectrum and gains.
+
+        Raises
+        ------
+        ImportError
+            If matplotlib is missing (``pip install matplotlib``).
+        """
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise ImportError("handle.plot needs matplotlib: pip install matplotlib") from exc
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for group in self.groups:
+            proj = self._projectors.get(group)
+            if proj is None:
+                continue
+            values = np.maximum(np.asarray(proj.values, dtype=np.float64), 1e-30)
+            ax1.semilogy(values, label=group[-30:])
+            if isinstance(proj, RayleighBasis):
+                ax2.plot(proj.gains, label=group[-30:])
+            else:
+                g = np.ones(proj.dim)
+                g[: proj.rank] = 0.0
+                ax2.plot(g, label=group[-30:])
+        ax1.set_title("spectrum per input (λ)")
+        ax1.set_xlabel("direction")
+        ax2.set_title("gain per direction")
+        ax2.set_xlabel("direction")
+        if len(self.groups) <= 12:
+            ax2.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(str(path), dpi=100)
+        plt.close(fig)
+
+    # ------------------------------------------------------------------ persistence & cleanup
+    def save(self, path: str | Path) -> None:
+        """Write statistics, ``W₀`` and configuration to a safetensors file (see :func:`load`)."""
+        from rqcore_torch.persistence import save_handle
+
+        save_handle(self, path)
+
+    def _check_alive(self) -> None:
+        if self._removed:
+            raise RuntimeError("this handle was removed; call rqcore_torch.preserve(...) again.")
+
+    def remove(self) -> None:
+        """Detach every hook this handle attached; the model is left as it was before preserve()."""
+        if self._online is not None:
+            self._online.remove()
+            self._online = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._removed = True
+
+    def __enter__(self) -> PreservationHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"PreservationHandle(method={self.config.method!r}, layers={len(self.targets)}, "
+            f"groups={len(self.groups)}, step={self.step})"
+        )

@@ -1,0 +1,160 @@
+"""preserve() end to end: exactness of the gated steps, refresh, monitoring, cleanup."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rqcore import RayleighBasis
+from rqcore_torch import PreserveConfig, preserve
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+    # Calibration inputs concentrated in a 3-dim subspace (plus small noise): C_p is anisotropic.
+    basis = torch.randn(3, 6)
+    calib = [torch.randn(64, 3) @ basis + 0.01 * torch.randn(64, 6) for _ in range(4)]
+    task = [(torch.randn(32, 6), torch.randn(32, 2)) for _ in range(4)]
+    return model, calib, task
+
+
+def _train(model, opt, task, steps=30):
+    for i in range(steps):
+        x, y = task[i % len(task)]
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _out_change(model, w0, b0, calib):
+    X = torch.cat(calib)
+    lin = model[0]
+    with torch.no_grad():
+        return float(((X @ (lin.weight - w0).T + (lin.bias - b0)) ** 2).mean())
+
+
+def test_nullspace_and_plain_adamw():
+    model, calib, task = _setup()
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    handle = preserve(model, calib, method="nullspace", energy=0.999, progress=False)
+    _train(model, handle.optimizer(torch.optim.AdamW, lr=1e-2), task)
+    gated = _out_change(model, w0, b0, calib)
+    pen = handle.penalty()
+    handle.remove()
+    model2, calib2, _ = _setup()
+    _train(model2, torch.optim.AdamW(model2.parameters(), lr=1e-2), task)
+    plain = _out_change(model2, w0, b0, calib2)
+    assert model[0].weight.sub(w0).abs().max() > 1e-3  # it did train
+    assert gated < 1e-2 * plain, (gated, plain)
+    assert pen.total < 1e-2 and set(pen.per_layer) == {"0", "2"}
+
+
+def test_hard_gate_blocks_gated_off_directions_exactly():
+    model, calib, task = _setup()
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    handle = preserve(
+        model,
+        calib,
+        method="gate",
+        gate="hard",
+        gate_options={"rank": 2},
+        complement=0.0,
+        task_loader=[x for x, _ in task],
+        progress=False,
+    )
+    basis = handle.projector("0")
+    assert isinstance(basis, RayleighBasis) and basis.rank == 7  # full augmented basis
+    np.testing.assert_array_equal(basis.gains, [1, 1, 0, 0, 0, 0, 0])
+    _train(model, handle.optimizer(torch.optim.AdamW, lr=1e-2), task)
+    delta = torch.cat([model[0].weight - w0, (model[0].bias - b0)[:, None]], 1).detach().double()
+    coords = delta.numpy() @ basis.MV  # c = Vᵀ M w per row
+    assert np.abs(coords[:, 2:]).max() < 1e-3 * np.abs(coords[:, :2]).max()
+    # Predicted output change on the calibration inputs: with δ = V c on the open directions,
+    # δᵀ C_p δ = δᵀ M δ − ε‖δ‖² = Σ c² − ε‖δ‖².
+    X = torch.cat([torch.cat(calib), torch.ones(256, 1)], 1).double()
+    measured = float(((X @ delta.T) ** 2).mean(0).sum())
+    predicted = float((coords[:, :2] ** 2).sum() - basis.reg_used * (delta**2).sum())
+    assert measured == pytest.approx(predicted, rel=1e-2)
+    handle.remove()
+
+
+def test_refresh_warm_started_and_eval_does_not_track():
+    model, calib, task = _setup()
+    handle = preserve(
+        model,
+        calib,
+        method="gate",
+        refresh_every=5,
+        task_token_fraction=0.5,
+        seed=0,
+        progress=False,
+    )
+    first = handle.projector("0")
+    pencil = handle._pencils[handle.statistics.layers["0"].group]
+    opt = handle.optimizer(torch.optim.SGD, lr=1e-2)
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(8, 6))
+    assert not handle._online_stats.groups  # evaluation does not pollute C_t
+    model.train()
+    _train(model, opt, task, steps=5)
+    assert handle.step == 5 and handle.projector("0") is not first
+    assert handle._pencils[handle.statistics.layers["0"].group] is pencil  # C_p not refactored
+    assert opt.layers[0].gate is handle.layer_gates()[0].gate
+
+
+def test_report_plot_and_remove(tmp_path):
+    model, calib, task = _setup()
+    before = {n: dict(m.__dict__) for n, m in model.named_modules()}
+    with preserve(model, calib, refresh_every=2, progress=False) as handle:
+        _train(model, handle.optimizer(torch.optim.AdamW, lr=1e-3), task, steps=2)
+        rows = handle.report()
+        assert [r.layer for r in rows] == ["0", "2"] and "mean gain" in str(rows)
+        handle.plot(tmp_path / "spectra.png")
+        assert (tmp_path / "spectra.png").stat().st_size > 0
+    for n, m in model.named_modules():
+        assert not m._forward_pre_hooks and not m._forward_hooks
+        assert set(m.__dict__) == set(before[n])
+
+
+def test_method_none_and_folora():
+    model, calib, task = _setup()
+    handle = preserve(model, calib, method="none", progress=False)
+    opt = handle.optimizer(torch.optim.SGD, lr=0.1)
+    _train(model, opt, task, steps=2)
+    assert handle.step == 2 and handle.penalty().total > 0
+    folora = preserve(model, calib, method="folora", progress=False)
+    with pytest.raises(NotImplementedError, match='method="gate"'):
+        folora.optimizer(torch.optim.AdamW)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "adam"}, "method must be one of"),
+        ({"gate": "hard"}, "gate_options"),
+        ({"token_fraction": 0.0}, "token_fraction"),
+        ({"refresh_every": 2, "task_window": 5}, "task_window"),
+    ],
+)
+def test_bad_config_raises_before_any_pass(kwargs, match):
+    model, calib, _ = _setup()
+    with pytest.raises(ValueError, match=match):
+        preserve(model, calib, progress=False, **kwargs)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_config_dataclass_validates():
+    with pytest.raises(ValueError, match="energy"):
+        PreserveConfig(energy=1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gate_matches_cpu():
+    model, calib, _ = _setup()
+    h_cpu = preserve(model, calib, method="gate", progress=False)
+    h_gpu = preserve(model.cuda(), calib, method="gate", progress=False)
+    np.testing.assert_allclose(h_gpu.projector("0").values, h_cpu.projector("0").values, rtol=1e-6)

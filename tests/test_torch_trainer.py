@@ -1,0 +1,99 @@
+"""A short Hugging Face Trainer run with a preserved BERT and the penalty callback; distributed stats."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rqcore_torch import calibrate, preserve
+
+transformers = pytest.importorskip("transformers")
+
+
+class _Data(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 100, (n, 8), generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones(8, dtype=torch.long),
+            "labels": self.labels[i],
+        }
+
+
+def test_trainer_run_with_handle_optimizer(tmp_path):
+    from rqcore_torch.callbacks import PenaltyCallback
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        num_labels=2,
+    )
+    model = transformers.BertForSequenceClassification(cfg)
+    calib = [{"input_ids": torch.randint(0, 100, (4, 8))} for _ in range(2)]
+    handle = preserve(model, calib, method="gate", refresh_every=2, progress=False)
+    logged: list[dict] = []
+
+    class Grab(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            logged.append(dict(logs or {}))
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=_Data(16),
+        optimizers=(handle.optimizer(torch.optim.AdamW, lr=1e-3), None),
+        callbacks=[PenaltyCallback(handle), Grab()],
+    )
+    trainer.train()
+    assert handle.step == 3
+    values = [d["forgetting_penalty"] for d in logged if "forgetting_penalty" in d]
+    assert values and all(v > 0 for v in values)
+    handle.remove()
+
+
+def _worker(rank: int, world: int, init: str, shards, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        stats = calibrate(model, shards[rank], progress=False)
+        torch.save(stats.covariance("0"), os.path.join(out_dir, f"c{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_statistics_equal_single_pass(tmp_path):
+    shards = [[torch.randn(5, 4)], [torch.randn(7, 4) + 1.0]]
+    init = f"file://{tmp_path / 'rdzv'}"
+    mp.spawn(_worker, args=(2, init, shards, str(tmp_path)), nprocs=2, join=True)
+    c0, c1 = (torch.load(tmp_path / f"c{r}.pt") for r in range(2))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    single = calibrate(model, shards[0] + shards[1], progress=False).covariance("0")
+    torch.testing.assert_close(c0, c1, rtol=0, atol=0)
+    torch.testing.assert_close(c0, single)
