@@ -10,7 +10,8 @@ transformation of it. Each step is BLAS-3:
 * a Householder QR of the (d, b) remainder (deflated columns are replaced by random directions).
 
 The projected matrix ``H = Vᵀ C V`` is assembled from the Gram-Schmidt coefficients (no extra product),
-the residual of each Ritz pair is ``‖Qᵀ C V s‖`` with ``Q`` the next block (``C V ⊂ span[V, Q]``), and a
+the residual of each Ritz pair is ``‖(Qᵀ C Vb) s_b‖`` with ``Q`` the next block and ``Vb`` the last one
+(``C V ⊂ span[V, Q]``, and only the last block couples to ``Q``, also after a restart), and a
 restart keeps the wanted Ritz vectors plus a margin together with the next block (thick restart:
 the kept space plus ``Q`` spans the same Krylov information, so nothing is lost).
 """
@@ -117,7 +118,6 @@ def block_lanczos(
         b = start.shape[1]
     maxbasis = max(min(maxbasis, d - b), nwant + b)
     V = np.empty((d, maxbasis + b), dtype=dtype, order="F")
-    W = np.empty((d, maxbasis), dtype=dtype, order="F")
     H = np.zeros((maxbasis, maxbasis), dtype=np.float64)
     Zs = np.empty((d, maxbasis), dtype=dtype, order="F") if back else None
     N = np.zeros((maxbasis, maxbasis), dtype=np.float64) if back else None
@@ -126,7 +126,7 @@ def block_lanczos(
     if start is not None and start.shape[1]:
         X[:, : start.shape[1]] = start
     V[:, :b], _ = np.linalg.qr(X)
-    n = 0  # columns of V whose image is in W
+    n = 0  # columns of V already multiplied by the operator
     nb = b  # size of the pending block V[:, n:n+nb]
     theta = np.zeros(nwant)
     S_w = np.zeros((0, nwant))
@@ -149,7 +149,6 @@ def block_lanczos(
             N[n:n_new, :n_new] = Nb.T
         else:
             Wb = np.asarray(out, dtype=dtype)
-        W[:, n : n + nb] = Wb
         Vc = V[:, :n_new]
         # Block CGS2 against the whole basis; G accumulates the projection Vᵀ C Vb.
         G = Vc.T @ Wb
@@ -173,8 +172,12 @@ def block_lanczos(
         want = order[:nwant]
         theta = vals[want]
         S_w = S[:, want]
-        F = Q.T @ W[:, :n]
-        est = column_norms(np.asarray(F, dtype=np.float64) @ S_w)
+        # Qᵀ C V is zero except in the columns of the last block (the rest of C V lies in span V, also
+        # after a thick restart, whose coupling block is now inside V): F = Qᵀ C Vb = Qᵀ Wb, one
+        # (d, b) × (d, b) product instead of Qᵀ(C V) over the whole basis, and no stored C V.
+        F_last = np.asarray(Q.T @ Wb, dtype=np.float64)
+        G_res = F_last @ S_w[n - nb : n]
+        est = column_norms(G_res)
         vnorms = None
         if N is not None:
             vnorms = np.sqrt(np.maximum(np.einsum("ij,ij->j", S_w, N[:n, :n] @ S_w), 0.0))
@@ -184,7 +187,6 @@ def block_lanczos(
         if not done and exact is not None and want.size == nwant:
             rel = est / np.maximum(thr, np.finfo(np.float64).tiny)  # bound / tol per pair
             if float(np.max(rel)) * ratio <= 1.0:
-                G_res = np.asarray(F, dtype=np.float64) @ S_w
                 true = exact(Q, G_res, theta, vnorms)  # true measure / tol per pair
                 mask = true <= 1.0
                 done = bool(mask.all())
@@ -199,7 +201,6 @@ def block_lanczos(
             Sp = S[:, keep]
             Qc = Q.copy()
             V[:, :p] = V[:, :n] @ Sp
-            W[:, :p] = W[:, :n] @ Sp
             if Zs is not None and N is not None:
                 Zs[:, :p] = Zs[:, :n] @ Sp
                 N[:p, :p] = Sp.T @ N[:n, :n] @ Sp

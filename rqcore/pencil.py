@@ -105,11 +105,11 @@ class Pencil:
         B = as_float_array(B, "B", ndim=2, allowed=(np.float32, np.float64))
         if B.shape[0] != B.shape[1]:
             check_symmetric(B, "B")  # raises the standard shape message
-        from rqcore._eigen_kernels import asymmetry
+        from rqcore._eigen_kernels import asymmetry_and_norm
 
-        # One fused, cache-blocked pass (finiteness, max |B − Bᵀ|, max |B|) instead of |B − Bᵀ|
+        # One fused, cache-blocked pass (finiteness, max |B − Bᵀ|, max |B|, ‖B‖₁) instead of |B − Bᵀ|
         # temporaries; the standard checks run (and raise) only when it flags a problem.
-        asym, scale, finite = asymmetry(B)
+        asym, scale, finite, b_norm = asymmetry_and_norm(B)
         if not finite:
             check_finite(B, "B")
         if asym > 100.0 * float(np.finfo(B.dtype).eps) * max(scale, np.finfo(np.float64).tiny):
@@ -122,6 +122,7 @@ class Pencil:
         self.dtype = B.dtype
         trace = float(np.trace(B, dtype=np.float64))
         self.reg_used = reg * (trace / d if trace > 0 else 1.0)
+        self._one_norm: float | None = float(b_norm + self.reg_used)
         # B is symmetric: copying Bᵀ (Fortran-ordered when B is C-ordered) is a plain memcpy.
         shifted = np.array(B.T if B.flags.c_contiguous else B, dtype=B.dtype, order="F", copy=True)
         shifted.flat[:: d + 1] += self.reg_used
@@ -204,7 +205,7 @@ class Pencil:
                 from rqcore._eigen_kernels import max_abs_column_sum
 
                 cached = max_abs_column_sum(self.B) + self.reg_used
-            self._one_norm: float | None = float(cached)
+            self._one_norm = float(cached)
         return float(cached)
 
     def _trmm(self, X: FloatArray, *, trans: bool) -> FloatArray:

@@ -70,8 +70,10 @@ class PreserveConfig:
     complement : float, default 0.0
         Gain of the complement of the kept ``rank`` directions (irrelevant for a full basis).
     reg : float, optional
-        Relative regularization of ``C_p`` (``ε = reg · tr(C_p)/d``). Default: 1e-2 for ``"folora"``
-        (ablation: 1e-2 and 1e-3 tie, 1e-1 loses), 1e-4 otherwise.
+        Relative regularization of ``C_p`` (``ε = reg · tr(C_p)/d``). Default: 1e-1 for ``"folora"``
+        (transformer activations are strongly anisotropic: with 1e-2 the directions ``C_p`` barely uses
+        get up to 10× AdamW's step in weight units and the finetune diverges at lrs AdamW tolerates;
+        ``docs/folora.md`` §9), 1e-4 otherwise.
     energy : float, default 0.99
         Energy fraction of ``C_p`` blocked by ``method="nullspace"``.
     refresh_every : int, optional
@@ -155,7 +157,7 @@ class PreserveConfig:
         if self.tau_fraction is None:
             self.tau_fraction = 0.3 if folora else 0.9
         if self.reg is None:
-            self.reg = 1e-2 if folora else 1e-4
+            self.reg = 1e-1 if folora else 1e-4
         p = float(self.tau_fraction)
         if not (math.isfinite(p) and 0 < p < 1):
             raise ValueError(

@@ -135,8 +135,9 @@ class PreservationHandle:
     Notes
     -----
     Without task statistics the initial ``C_t`` is isotropic, ``(tr C_p / d)·I``: the first basis then
-    favours the directions the pretraining data uses least. Online tracking (``refresh_every``) replaces
-    it with the statistics of the training batches seen since the previous refresh.
+    favours the directions the pretraining data uses least. Online tracking (``refresh_every``; for
+    ``"folora"`` also the first ``task_warmup`` steps) replaces it with the statistics of the training
+    batches seen since the previous refresh.
 
     Examples
     --------
@@ -455,11 +456,6 @@ class PreservationHandle:
     def _folora_optimizer(self, cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> Any:
         from rqcore_torch.folora import FoLoRAAdam
 
-        if not (isinstance(cls, type) and issubclass(cls, (torch.optim.Adam, torch.optim.AdamW))):
-            raise TypeError(
-                f'method="folora" is a gated Adam: pass torch.optim.AdamW (or Adam) for its '
-                f'hyperparameters, got {cls!r}; for another optimizer use method="gate".'
-            )
         defaults = {
             k: p.default
             for k, p in inspect.signature(cls).parameters.items()
@@ -497,10 +493,25 @@ class PreservationHandle:
             on_step=self._on_folora_step,
         )
 
-        # The handle's schedule (step counter, task statistics since the last refresh) travels with
-        # the optimizer's state dict, so a resumed run refreshes at the same steps with the same C_t.
+        self._attach_resume_hooks(optimizer, gated=None)
+        return optimizer
+
+    def _attach_resume_hooks(self, optimizer: Any, gated: Any) -> None:
+        """Let the handle's schedule travel with ``optimizer.state_dict()``.
+
+        The step counter, the task statistics since the last refresh and the subsampling generator are
+        saved, so a resumed run (e.g. ``Trainer(resume_from_checkpoint=...)``) refreshes at the same
+        steps with the same ``C_t``. For a wrapped optimizer (``gated``) the current bases are saved
+        too: its gates are not optimizer state (FoLoRA keeps its bases in its own state).
+        """
+
         def save_hook(opt: Any, sd: dict[str, Any]) -> dict[str, Any]:
-            sd["preserve"] = {"step": self.step, "online": self._online_state()}
+            extra: dict[str, Any] = {"step": self.step, "online": self._online_state()}
+            if self._online is not None:  # the token subsample's draws continue after a resume
+                extra["generator"] = self._online.generator.get_state()
+            if gated is not None:
+                extra["bases"] = self._bases_state()
+            sd["preserve"] = extra
             return sd
 
         def load_hook(opt: Any, sd: dict[str, Any]) -> dict[str, Any]:
@@ -511,16 +522,53 @@ class PreservationHandle:
                 self._load_online_state(extra["online"])
                 if self._online is not None:
                     self._online.stats = self._online_stats  # type: ignore[assignment]
+                    if "generator" in extra:
+                        self._online.generator.set_state(extra["generator"])
+                if gated is not None and extra.get("bases"):
+                    self._load_bases_state(extra["bases"])
+                    gated.set_layers(self.layer_gates())
             return sd
 
         optimizer.register_state_dict_post_hook(save_hook)
         optimizer.register_load_state_dict_pre_hook(load_hook)
-        return optimizer
+
+    def _bases_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The refreshable part of each group's Rayleigh basis, as tensors (``weights_only`` loads)."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for group, proj in self._projectors.items():
+            if isinstance(proj, RayleighBasis):
+                entry = {
+                    "values": torch.from_numpy(proj.values.copy()),
+                    "vectors": torch.from_numpy(proj.vectors.copy()),
+                    "dual": torch.from_numpy(proj.MV.copy()),
+                }
+                if isinstance(proj.A, np.ndarray):
+                    entry["A"] = torch.from_numpy(proj.A.copy())
+                out[group] = entry
+        return out
+
+    def _load_bases_state(self, saved: dict[str, dict[str, torch.Tensor]]) -> None:
+        rule = _gain_rule(self.config)
+        for group, entry in saved.items():
+            current = self._projectors.get(group)
+            if not isinstance(current, RayleighBasis):
+                raise ValueError(
+                    f"the checkpoint has a basis for {group!r}, which is not gated here."
+                )
+            state = current.state_dict(covariances=True)
+            state.update(
+                values=entry["values"].numpy(),
+                vectors=entry["vectors"].numpy(),
+                dual=entry["dual"].numpy(),
+            )
+            if "A" in entry:
+                state["A"] = entry["A"].numpy()
+            self._projectors[group] = RayleighBasis.from_state_dict(state, gains=rule)
+        self._torch_gates.clear()
 
     def _on_step(self, optimizer: Any) -> None:
         self.step += 1
-        every = self.config.refresh_every
-        if self.config.method == "gate" and every is not None and self.step % every == 0:
+        if self.config.method in ("gate", "folora") and self._refresh_due():
             self.refresh()
             optimizer.set_layers(self.layer_gates())
 
@@ -553,7 +601,9 @@ class PreservationHandle:
                 'preserve(..., method="gate") to gate any optimizer.'
             )
         self._check_alive()
-        return GatedOptimizer(optimizer, self.layer_gates(), on_step=self._on_step)
+        gated = GatedOptimizer(optimizer, self.layer_gates(), on_step=self._on_step)
+        self._attach_resume_hooks(gated, gated=gated)
+        return gated
 
     def optimizer(self, cls: type[torch.optim.Optimizer], **kwargs: Any) -> Any:
         """The optimizer of the run: FoLoRA's gated Adam, or ``cls`` wrapped by :meth:`wrap`.
@@ -566,15 +616,16 @@ class PreservationHandle:
             :class:`~rqcore_torch.FoLoRAAdam` over the target layers (one per trainable gated weight,
             with its bias), every other trainable parameter going to its plain-AdamW group; the bases
             are re-solved and installed with ``set_basis`` after ``task_warmup`` steps (no task
-            statistics) and every ``refresh_every`` steps. Otherwise any optimizer class, built over
-            the trainable parameters and wrapped.
+            statistics) and every ``refresh_every`` steps. Any other class (and any class for the
+            other methods) is built over the trainable parameters and wrapped (:meth:`wrap`); with
+            ``"folora"`` its step is then gated in the same bases (for plain SGD that is FoLoRA).
         **kwargs
             Arguments of ``cls``.
 
         Raises
         ------
         TypeError
-            For ``method="folora"`` with a class other than Adam/AdamW, or unknown arguments.
+            For ``method="folora"`` with Adam/AdamW and arguments FoLoRA does not know.
         ValueError
             For ``method="folora"`` with ``amsgrad=True`` or ``maximize=True``.
 
@@ -591,10 +642,18 @@ class PreservationHandle:
         >>> type(handle.optimizer(torch.optim.AdamW, lr=1e-3)).__name__
         'FoLoRAAdam'
         """
-        if self.config.method == "folora":
-            self._check_alive()
+        self._check_alive()
+        is_adam = isinstance(cls, type) and issubclass(cls, (torch.optim.Adam, torch.optim.AdamW))
+        if self.config.method == "folora" and is_adam:
             return self._folora_optimizer(cls, kwargs)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.config.method == "folora":
+            # FoLoRA's per-direction moments are Adam's; for another optimizer the analogue is its
+            # step gated in the same bases (exactly FoLoRA for plain SGD, whose step is linear in G).
+            logger.info("method='folora' with %s: gating its step in the spectral bases.", cls)
+            from rqcore_torch.optim import GatedOptimizer
+
+            return GatedOptimizer(cls(params, **kwargs), self.layer_gates(), on_step=self._on_step)
         return self.wrap(cls(params, **kwargs))
 
     # ------------------------------------------------------------------ monitoring

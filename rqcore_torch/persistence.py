@@ -118,7 +118,7 @@ def load(path: str | Path, model: nn.Module, **overrides: Any) -> PreservationHa
     >>> path = os.path.join(tempfile.mkdtemp(), "h.safetensors")
     >>> preserve(model, [torch.randn(6, 3)], progress=False).save(path)
     >>> load(path, model).config.method
-    'gate'
+    'folora'
     """
     from rqcore_torch.handle import PreservationHandle
 

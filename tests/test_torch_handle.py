@@ -127,8 +127,9 @@ def test_method_none_and_folora():
     _train(model, opt, task, steps=2)
     assert handle.step == 2 and handle.penalty().total > 0
     folora = preserve(model, calib, method="folora", progress=False)
-    with pytest.raises(NotImplementedError, match='method="gate"'):
-        folora.optimizer(torch.optim.AdamW)
+    with pytest.raises(TypeError, match='method="gate"'):
+        folora.wrap(torch.optim.AdamW(model.parameters()))  # FoLoRA replaces the optimizer
+    assert type(folora.optimizer(torch.optim.AdamW)).__name__ == "FoLoRAAdam"
 
 
 @pytest.mark.parametrize(
