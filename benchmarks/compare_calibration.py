@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.linalg import blas
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 from rqcore_torch import calibrate
@@ -77,13 +78,13 @@ def run(quick: bool, threads: int, repeats: int) -> dict[str, Any]:
 
     def forward_with(product: Callable[[torch.Tensor], Any]) -> Callable[[], None]:
         def run_once() -> None:
-            seen: set[int] = set()
+            seen: dict[int, torch.Tensor] = {}  # holding x keeps its id from being reused
 
             def hook(module: Any, args: tuple[Any, ...]) -> None:
                 x = args[0]
                 if id(x) in seen:  # q/k/v share one product, as in calibrate
                     return
-                seen.add(id(x))
+                seen[id(x)] = x
                 product(x.reshape(-1, x.shape[-1]).float())
 
             hs = [t.hook_module.register_forward_pre_hook(hook) for t in targets]
@@ -136,7 +137,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
-    out = run(args.quick, args.threads, args.repeats or (3 if args.quick else 7))
+    # BLAS (used by the statistics and by the syrk baseline) gets the same thread count as torch.
+    with threadpool_limits(args.threads):
+        out = run(args.quick, args.threads, args.repeats or (3 if args.quick else 7))
     print(f"{out['config']}; torch threads = {out['threads']}")
     print(f"{'candidate':<22} {'median s':>10} {'vs forward+syrk':>18}")
     base = out["medians"]["forward + syrk"]
