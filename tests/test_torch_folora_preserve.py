@@ -136,22 +136,13 @@ def test_state_dict_resume_is_exact_across_a_refresh():
 
 def test_trainer_runs_with_folora_optimizer(tmp_path):
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        num_labels=2,
-    )
-    model = transformers.BertForSequenceClassification(cfg)
-    g = torch.Generator().manual_seed(0)
-    ids, labels = torch.randint(0, 100, (8, 8), generator=g), torch.randint(0, 2, (8,), generator=g)
-    calib = [{"input_ids": torch.randint(0, 100, (4, 8), generator=g)} for _ in range(2)]
+    from _tiny_bert import TokenLabels, calibration_batches, tiny_bert_classifier
+
+    model = tiny_bert_classifier()
+    calib = calibration_batches()
     handle = preserve(model, calib, task_warmup=2, progress=False)
     opt = handle.optimizer(torch.optim.AdamW, lr=1e-3)
-    data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(8)]
+    data = TokenLabels(8)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=3,

@@ -12,39 +12,14 @@ import torch.multiprocessing as mp
 from rqcore_torch import calibrate, preserve
 
 transformers = pytest.importorskip("transformers")
-
-
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 100, (n, 8), generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.ids[i],
-            "attention_mask": torch.ones(8, dtype=torch.long),
-            "labels": self.labels[i],
-        }
+from _tiny_bert import TokenLabels, calibration_batches, tiny_bert_classifier  # noqa: E402
 
 
 def test_trainer_run_with_handle_optimizer(tmp_path):
     from rqcore_torch.callbacks import PenaltyCallback
 
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        num_labels=2,
-    )
-    model = transformers.BertForSequenceClassification(cfg)
-    calib = [{"input_ids": torch.randint(0, 100, (4, 8))} for _ in range(2)]
+    model = tiny_bert_classifier()
+    calib = calibration_batches()
     handle = preserve(model, calib, method="gate", refresh_every=2, progress=False)
     logged: list[dict] = []
 
@@ -65,7 +40,7 @@ def test_trainer_run_with_handle_optimizer(tmp_path):
     trainer = transformers.Trainer(
         model=model,
         args=args,
-        train_dataset=_Data(16),
+        train_dataset=TokenLabels(16),
         optimizers=(handle.optimizer(torch.optim.AdamW, lr=1e-3), None),
         callbacks=[PenaltyCallback(handle), Grab()],
     )

@@ -10,39 +10,12 @@ import torch
 from rqcore_torch import preserve
 
 transformers = pytest.importorskip("transformers")
-
-
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 100, (n, 8), generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.ids[i],
-            "attention_mask": torch.ones(8, dtype=torch.long),
-            "labels": self.labels[i],
-        }
+from _tiny_bert import TokenLabels, calibration_batches, tiny_bert_classifier  # noqa: E402
 
 
 def _train(out: Path, method: str, resume: str | None) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    model = transformers.BertForSequenceClassification(cfg)
-    calib = [{"input_ids": torch.randint(0, 100, (4, 8))} for _ in range(2)]
+    model = tiny_bert_classifier(dropout=0.0)
+    calib = calibration_batches(seed=1)
     # refresh_every=2: bases are re-solved from online task statistics at steps 2, 4 and 6, so an
     # exact resume needs the handle's state in the checkpoint, not only AdamW's moments.
     handle = preserve(model, calib, method=method, refresh_every=2, progress=False, seed=0)
@@ -62,7 +35,7 @@ def _train(out: Path, method: str, resume: str | None) -> dict[str, torch.Tensor
     trainer = transformers.Trainer(
         model=model,
         args=args,
-        train_dataset=_Data(32),
+        train_dataset=TokenLabels(32),
         optimizers=(handle.optimizer(torch.optim.AdamW, lr=1e-3), None),
     )
     trainer.train(resume_from_checkpoint=resume)
