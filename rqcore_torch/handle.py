@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -349,7 +349,17 @@ class PreservationHandle:
         """
         if self.config.method == "none":
             return []
-        out = []
+        return [
+            LayerGate(pname, w, b, self._gate_for(group, w.device, w.dtype), transposed)
+            for _, group, pname, w, b, transposed in self._trainable_gated()
+        ]
+
+    def _trainable_gated(self) -> Iterator[tuple[Target, str, str, Any, Any, bool]]:
+        """(target, group, name, weight, bias, transposed) of every trainable gated weight.
+
+        A frozen weight is skipped; so is a trainable weight whose bias is frozen, because its
+        statistics are augmented with the bias column (a warning says so).
+        """
         for t in self.targets:
             group = self.statistics.layers[t.name].group
             for pname, w, b, transposed in t.gated:
@@ -360,9 +370,7 @@ class PreservationHandle:
                         "%s: the bias is frozen but the weight is not; not gated.", pname
                     )
                     continue
-                gate = self._gate_for(group, w.device, w.dtype)
-                out.append(LayerGate(pname, w, b, gate, transposed))
-        return out
+                yield t, group, pname, w, b, transposed
 
     def spectral_layers(self) -> list[SpectralLayer]:
         """One :class:`~rqcore_torch.folora.SpectralLayer` per trainable gated weight (``"folora"``).
@@ -378,39 +386,28 @@ class PreservationHandle:
         from rqcore_torch.folora import SpectralLayer
 
         out = []
-        for t in self.targets:
-            group = self.statistics.layers[t.name].group
+        for t, group, pname, w, b, transposed in self._trainable_gated():
             basis = self._projectors[group]
             if not isinstance(basis, RayleighBasis):
                 raise RuntimeError(
                     f"layer {t.name!r} has no spectral basis (method={self.config.method!r})."
                 )
-            for pname, w, b, transposed in t.gated:
-                if not w.requires_grad:
-                    continue
-                if b is not None and not b.requires_grad:
-                    logger.warning(
-                        "%s: the bias is frozen but the weight is not; not gated.", pname
-                    )
-                    continue
 
-                def conv(a: np.ndarray, w: torch.Tensor = w) -> torch.Tensor:
-                    return torch.as_tensor(np.ascontiguousarray(a)).to(
-                        device=w.device, dtype=w.dtype
-                    )
+            def conv(a: np.ndarray, w: torch.Tensor = w) -> torch.Tensor:
+                return torch.as_tensor(np.ascontiguousarray(a)).to(device=w.device, dtype=w.dtype)
 
-                out.append(
-                    SpectralLayer(
-                        name=pname,
-                        weight=w,
-                        bias=b,
-                        values=conv(basis.values),
-                        vectors=conv(basis.vectors),
-                        dual=conv(basis.MV),
-                        transposed=transposed,
-                        scale=self._scales[group],
-                    )
+            out.append(
+                SpectralLayer(
+                    name=pname,
+                    weight=w,
+                    bias=b,
+                    values=conv(basis.values),
+                    vectors=conv(basis.vectors),
+                    dual=conv(basis.MV),
+                    transposed=transposed,
+                    scale=self._scales[group],
                 )
+            )
         return out
 
     def _refresh_due(self) -> bool:
