@@ -441,14 +441,21 @@ class _InputCollector:
         acc = self.stats.groups.get(group)
         if acc is None:
             acc = self.stats.groups[group] = TorchCovariance(target.dim, device=rows.device)
+        if self.active is not None:
+            # Online task statistics during training: a non-finite batch (which AMP's GradScaler
+            # will skip anyway) is dropped on the device, without a host synchronization per step.
+            acc.update(rows, check_finite=False)
+            return
         try:
             acc.update(rows)
         except ValueError as exc:
             if "non-finite" in str(exc):
                 raise ValueError(
                     f"non-finite activations (NaN/Inf) at the input of layer {name!r} in batch "
-                    f"{self.batch_index}; the statistics of that batch are discarded. Check the "
-                    "model's numerics (e.g. float16 overflow) or the batch's data."
+                    f"{self.batch_index}. This layer's statistics are unchanged, but layers earlier "
+                    "in the same forward already include the batch: start the calibration again "
+                    "(or from statistics saved before it) after fixing the model's numerics "
+                    "(e.g. float16 overflow) or the batch's data."
                 ) from None
             raise
 
@@ -687,6 +694,16 @@ def calibrate(
             parts.append((part, weight))
         return CalibrationStatistics.weighted_merge(parts)
     stats = statistics if statistics is not None else CalibrationStatistics()
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed and stats.batches > 0:
+        # all_reduce_ sums whole totals: the already-reduced part would be counted world-size times.
+        raise ValueError(
+            "continuing a calibration under torch.distributed is not supported: the statistics "
+            "passed in are already summed over ranks. Calibrate the remaining batches into fresh "
+            "statistics and merge them, or run the whole pass in one call."
+        )
     skip = stats.batches if skip_batches is None else int(skip_batches)
     collector = _InputCollector(
         resolved, stats, token_fraction=token_fraction, seed=seed, share_inputs=share_inputs
@@ -711,9 +728,7 @@ def calibrate(
             "(and check max_batches)."
         )
     stats.batches += seen
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    if distributed:
         stats.all_reduce_()
     _check_reached(resolved, stats, model)
     logger.info(

@@ -528,25 +528,29 @@ class FoLoRAAdam(torch.optim.Optimizer):
         names = list(self._layers)
         pooled = None
         if self.tau_scope == "global" and isinstance(self.tau, str):
-            pooled = np.concatenate([self._lstate(n)["values"].cpu().numpy() for n in names])
+            pooled = np.concatenate(
+                [self._lstate(n)["values"].to(torch.float64).cpu().numpy() for n in names]
+            )
         for n in names:
             self._resolve_gains(n, pooled)
 
     def _resolve_gains(self, name: str, pooled: np.ndarray | None = None) -> None:
         st = self._lstate(name)
-        lam = st["values"].cpu().numpy()
+        lam = st["values"].to(torch.float64).cpu().numpy()
         if self.tau == "budget":
             st["gains"] = torch.ones_like(st["values"])  # placeholder until the first step
             st["budget_pending"] = True
             return
         if pooled is None and self.tau_scope == "global" and isinstance(self.tau, str):
-            pooled = np.concatenate([self._lstate(n)["values"].cpu().numpy() for n in self._layers])
+            pooled = np.concatenate(
+                [self._lstate(n)["values"].to(torch.float64).cpu().numpy() for n in self._layers]
+            )
         tau = resolve_tau(lam if pooled is None else pooled, self.tau, self.tau_param)
         self._set_gains(name, tau)
 
     def _set_gains(self, name: str, tau: float) -> None:
         st = self._lstate(name)
-        g = resolve_gains(st["values"].cpu().numpy(), self.gate, tau, self.rank)
+        g = resolve_gains(st["values"].to(torch.float64).cpu().numpy(), self.gate, tau, self.rank)
         st["tau"] = torch.tensor(tau, dtype=st["values"].dtype, device=st["values"].device)
         st["gains"] = torch.as_tensor(g, dtype=st["values"].dtype, device=st["values"].device)
         st["budget_pending"] = False
@@ -742,7 +746,7 @@ class FoLoRAAdam(torch.optim.Optimizer):
 
     def _budget_tau(self, name: str, coords: torch.Tensor) -> None:
         q = 0.25 if self.tau_param is None else self.tau_param
-        lam = self._lstate(name)["values"].cpu().numpy()
+        lam = self._lstate(name)["values"].to(torch.float64).cpu().numpy()
         c = coords.detach().double().cpu().numpy()
         try:
             tau = gates.tau_for_penalty_budget(lam, c, q)

@@ -259,6 +259,11 @@ class PreservationHandle:
         """
         if self.config.method not in ("gate", "folora"):
             return
+        import torch.distributed as dist
+
+        if self._online_stats is not None and dist.is_available() and dist.is_initialized():
+            # Every rank must solve the same pencils, or data-parallel replicas drift apart.
+            self._online_stats.all_reduce_()
         self._solve_all()
         if self._online_stats is not None:
             layout = dict(self._online_stats.layers)
@@ -445,10 +450,18 @@ class PreservationHandle:
         if self._online_stats is None:
             return
         self._online_stats.groups.clear()
+        # Online statistics live where the training activations are: the group's weights' device
+        # (calibration statistics may sit elsewhere, e.g. loaded on the CPU for a CUDA model).
+        devices = {
+            self.statistics.layers[t.name].group: t.gated[0][1].device
+            for t in self.targets
+            if t.gated
+        }
         for g, st in state.items():
             host = {k: v.cpu().numpy() for k, v in st.items()}
-            device = self.statistics.groups[g].device if g in self.statistics.groups else None
-            self._online_stats.groups[g] = TorchCovariance.from_state_dict(host, device=device)
+            self._online_stats.groups[g] = TorchCovariance.from_state_dict(
+                host, device=devices.get(g)
+            )
 
     def _folora_optimizer(self, cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> Any:
         from rqcore_torch.folora import FoLoRAAdam
@@ -469,6 +482,12 @@ class PreservationHandle:
             opts.pop(k, None)  # implementation switches of torch's Adam: no meaning here
         if opts:
             raise TypeError(f'unexpected optimizer arguments for method="folora": {sorted(opts)}.')
+        unsupported = sorted(set(self.config.gate_options) - {"rank"})
+        if unsupported:  # FoLoRAAdam's gain functions take only a rank; say so rather than ignore
+            raise ValueError(
+                f'gate_options {unsupported} are not supported with method="folora" (only "rank"); '
+                'drop them, or use method="gate" for the full gain-function options.'
+            )
         lr = hyper["lr"]
         layers = self.spectral_layers()
         gated = {id(p) for lay in layers for p in (lay.weight, lay.bias) if p is not None}
@@ -511,23 +530,34 @@ class PreservationHandle:
             sd["preserve"] = extra
             return sd
 
-        def load_hook(opt: Any, sd: dict[str, Any]) -> dict[str, Any]:
+        pending: list[dict[str, Any]] = []
+
+        def load_pre_hook(opt: Any, sd: dict[str, Any]) -> dict[str, Any]:
+            # Only set aside here: the handle changes after torch has accepted the state dict.
             sd = dict(sd)
+            pending.clear()
             extra = sd.pop("preserve", None)
             if extra is not None:
-                self.step = int(extra["step"])
-                self._load_online_state(extra["online"])
-                if self._online is not None:
-                    self._online.stats = self._online_stats  # type: ignore[assignment]
-                    if "generator" in extra:
-                        self._online.generator.set_state(extra["generator"])
-                if gated is not None and extra.get("bases"):
-                    self._load_bases_state(extra["bases"])
-                    gated.set_layers(self.layer_gates())
+                pending.append(extra)
             return sd
 
+        def load_post_hook(opt: Any) -> None:
+            if not pending:
+                return
+            extra = pending.pop()
+            self.step = int(extra["step"])
+            self._load_online_state(extra["online"])
+            if self._online is not None:
+                self._online.stats = self._online_stats  # type: ignore[assignment]
+                if "generator" in extra:
+                    self._online.generator.set_state(extra["generator"])
+            if gated is not None and extra.get("bases"):
+                self._load_bases_state(extra["bases"])
+                gated.set_layers(self.layer_gates())
+
         optimizer.register_state_dict_post_hook(save_hook)
-        optimizer.register_load_state_dict_pre_hook(load_hook)
+        optimizer.register_load_state_dict_pre_hook(load_pre_hook)
+        optimizer.register_load_state_dict_post_hook(load_post_hook)
 
     def _bases_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """The refreshable part of each group's Rayleigh basis, as tensors (``weights_only`` loads)."""
@@ -650,7 +680,9 @@ class PreservationHandle:
             logger.info("method='folora' with %s: gating its step in the spectral bases.", cls)
             from rqcore_torch.optim import GatedOptimizer
 
-            return GatedOptimizer(cls(params, **kwargs), self.layer_gates(), on_step=self._on_step)
+            gated = GatedOptimizer(cls(params, **kwargs), self.layer_gates(), on_step=self._on_step)
+            self._attach_resume_hooks(gated, gated=gated)
+            return gated
         return self.wrap(cls(params, **kwargs))
 
     # ------------------------------------------------------------------ monitoring

@@ -23,7 +23,7 @@ __all__ = ["GatedOptimizer"]
 class _Slot:
     """The preallocated buffers of one gated layer: the snapshot rows and the coordinates."""
 
-    __slots__ = ("bias", "coords", "layer", "rows", "rows_b", "rows_w", "weight_rows")
+    __slots__ = ("coords", "layer", "rows", "rows_b", "rows_w")
 
     def __init__(self, layer: LayerGate, rows: torch.Tensor | None) -> None:
         self.layer = layer
@@ -34,10 +34,24 @@ class _Slot:
         self.rows = rows
         self.rows_w = rows[:, :d_in]
         self.rows_b = rows[:, d_in] if layer.bias is not None else None
-        # The rows of the stored weight: Conv1D keeps them as columns, so gate its transpose (a view).
-        self.weight_rows = w.detach().T if layer.transposed else w.detach()
-        self.bias = layer.bias.detach() if layer.bias is not None else None
         self.coords = torch.empty((d_out, layer.gate.rank), device=w.device, dtype=w.dtype)
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight's rows and the bias, read from the parameters at every step.
+
+        Taken afresh because ``model.to(...)``, ``.double()`` or ``accelerate.prepare`` replace a
+        parameter's data: views captured once would keep gating an orphaned tensor.
+        """
+        w = self.layer.weight
+        if w.device != self.rows.device or w.dtype != self.rows.dtype:  # metadata only: no sync
+            raise ValueError(
+                f"layer {self.layer.name!r}: the weight is now {w.dtype} on {w.device} but the gate "
+                f"was built for {self.rows.dtype} on {self.rows.device}; rebuild the optimizer (or "
+                "call set_layers) after moving or casting the model."
+            )
+        rows = w.detach().T if self.layer.transposed else w.detach()  # Conv1D stores (d_in, d_out)
+        bias = self.layer.bias.detach() if self.layer.bias is not None else None
+        return rows, bias
 
 
 class GatedOptimizer(torch.optim.Optimizer):
@@ -219,27 +233,28 @@ class GatedOptimizer(torch.optim.Optimizer):
         ``on_step``.
         """
         slots = self._slots
-        for s in slots:
-            s.rows_w.copy_(s.weight_rows)
+        views = [s.views() for s in slots]
+        for s, (weight_rows, bias) in zip(slots, views, strict=True):
+            s.rows_w.copy_(weight_rows)
             if s.rows_b is not None:
-                s.rows_b.copy_(s.bias)  # type: ignore[arg-type]
+                s.rows_b.copy_(bias)  # type: ignore[arg-type]
         loss = self._optimizer.step(closure) if closure is not None else self._optimizer.step()
-        for s in slots:
+        for s, (weight_rows, bias) in zip(slots, views, strict=True):
             # rows ← old − new = −δ; then new + (P − I)δ = new + (1 − c)·rows − (rows·A)·B.
-            s.rows_w.sub_(s.weight_rows)
+            s.rows_w.sub_(weight_rows)
             if s.rows_b is not None:
-                s.rows_b.sub_(s.bias)  # type: ignore[arg-type]
+                s.rows_b.sub_(bias)  # type: ignore[arg-type]
             c, A, B = s.layer.gate.factors
             d_in = s.rows_w.shape[1]
             if c != 1.0:  # host-side Python float: no synchronization
-                s.weight_rows.add_(s.rows_w, alpha=1.0 - c)
-                if s.bias is not None:
-                    s.bias.add_(s.rows_b, alpha=1.0 - c)  # type: ignore[arg-type]
+                weight_rows.add_(s.rows_w, alpha=1.0 - c)
+                if bias is not None:
+                    bias.add_(s.rows_b, alpha=1.0 - c)  # type: ignore[arg-type]
             if A.shape[1]:
                 torch.mm(s.rows, A, out=s.coords)
-                s.weight_rows.addmm_(s.coords, B[:, :d_in], alpha=-1.0)
-                if s.bias is not None:
-                    s.bias.addmv_(s.coords, B[:, d_in], alpha=-1.0)
+                weight_rows.addmm_(s.coords, B[:, :d_in], alpha=-1.0)
+                if bias is not None:
+                    bias.addmv_(s.coords, B[:, d_in], alpha=-1.0)
         if self.on_step is not None:
             self.on_step(self)
         return loss
