@@ -15,9 +15,7 @@ bias) plus the ``4·D²``-byte float32 product buffer each CPU accumulator keeps
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -29,20 +27,9 @@ from scipy.linalg import blas
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+from benchmarks._timing import interleaved_medians
 from rqcore_torch import calibrate
 from rqcore_torch.targets import resolve_targets
-
-
-def _medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def run(quick: bool, threads: int, repeats: int) -> dict[str, Any]:
@@ -111,7 +98,7 @@ def run(quick: bool, threads: int, repeats: int) -> dict[str, Any]:
             model, [batch], targets=targets, progress=False, token_fraction=0.25, seed=0
         ),
     }
-    med = _medians(fns, repeats)
+    med = interleaved_medians(fns, repeats)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     stats = calibrate(model, [batch], targets=targets, progress=False)

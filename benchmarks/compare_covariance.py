@@ -16,10 +16,7 @@ Goals (uncentered, unweighted, C-ordered chunks of n rows):
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +25,8 @@ from scipy.linalg import blas
 from threadpoolctl import threadpool_info, threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+from benchmarks._timing import interleaved_medians
 from rqcore.covariance import StreamingCovariance
-
-
-def _interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _full(upper: np.ndarray) -> np.ndarray:
@@ -82,9 +70,8 @@ def run_case(
     def gemm() -> None:  # the same product from two buffers: a general GEMM, 2 n d² flops
         np.add(s_mm, xt_copy @ chunks[0], out=s_mm)
 
-    for fn in (rq, ref, matmul, gemm):  # warm-up: numba compilation, page faults, BLAS buffers
-        fn()
-    med = _interleaved_medians({"rqcore": rq, "ref": ref, "matmul": matmul, "gemm": gemm}, repeats)
+    # The warm-up run inside covers numba compilation, page faults and BLAS buffers.
+    med = interleaved_medians({"rqcore": rq, "ref": ref, "matmul": matmul, "gemm": gemm}, repeats)
 
     err = float("nan")
     if dtype == np.float32:

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from benchmarks._timing import interleaved_medians
 from rqcore import NullspaceProjector, RayleighBasis
 
 GOAL = 1.3
@@ -33,18 +36,6 @@ def synthetic_basis(d: int, k: int, dtype: type, seed: int = 0) -> RayleighBasis
     V: np.ndarray = (Q / np.sqrt(m)[:, None]).astype(dtype)
     values = np.sort(rng.uniform(0.0, 10.0, k))[::-1]
     return RayleighBasis(values, V, dual=(m[:, None] * V).astype(dtype), B=None, cp_known=False)
-
-
-def _median_times(cands: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in cands}
-    for fn in cands.values():  # warm-up (numba compile, BLAS buffers, page faults)
-        fn()
-    for _ in range(reps):
-        for name, fn in cands.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def _row(name: str, case: str, base: float, t: float, judged: bool | None) -> bool:
@@ -92,7 +83,7 @@ def run_dtype(dtype: type, n: int, d: int, k: int, reps: int, judged: bool) -> b
         "numpy nullspace": lambda: G - (G @ U) @ U.T,
         "NullspaceProjector.apply": lambda: P.apply(G),
     }
-    med = _median_times(cands, reps)
+    med = interleaved_medians(cands, reps)
     base = med["numpy"]
     name = np.dtype(dtype).name
     ok = True

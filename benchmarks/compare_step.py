@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks._timing import interleaved_medians
 from rqcore import NullspaceProjector, RayleighBasis
 from rqcore_torch import GatedOptimizer, LayerGate, to_torch
 
@@ -75,18 +74,6 @@ def _layers(model: torch.nn.Module, covs: dict[str, np.ndarray], kind: str) -> l
             proj = RayleighBasis(null.values[:k], U, dual=U, B=None, cp_known=False)
         out.append(LayerGate(name, mod.weight, mod.bias, to_torch(proj)))
     return out
-
-
-def _medians(cands: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in cands}
-    for fn in cands.values():  # warm-up: lazy optimizer state, allocator
-        fn()
-    for _ in range(reps):
-        for name, fn in cands.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.step_only:
         full = {name: float("nan") for name in opts}
     else:
-        full = _medians({name: train_step(o) for name, o in opts.items()}, reps)
+        full = interleaved_medians({name: train_step(o) for name, o in opts.items()}, reps)
     # optimizer step alone: gradients computed once and reused
     model.zero_grad()
     model(ids).last_hidden_state.pow(2).mean().backward()
-    only = _medians({name: o.step for name, o in opts.items()}, reps * 3)
+    only = interleaved_medians({name: o.step for name, o in opts.items()}, reps * 3)
 
     print(f"BertModel hidden={cfg.hidden_size} layers={cfg.num_hidden_layers} "
           f"vocab={cfg.vocab_size}; batch {batch}x{seq}; torch {torch.__version__}; "

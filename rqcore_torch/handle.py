@@ -176,7 +176,6 @@ class PreservationHandle:
         self._pencils: dict[str, Pencil] = {}
         self._projectors: dict[str, RayleighBasis | NullspaceProjector] = {}
         self._torch_gates: dict[tuple[str, torch.device, torch.dtype], TorchGate] = {}
-        self._scales: dict[str, float] = {}  # FoLoRA step scale sqrt(tr(M)/d) per group
         self._hooks: list[Any] = []
         self._online: _InputCollector | None = None
         self._online_stats: CalibrationStatistics | None = None
@@ -218,7 +217,6 @@ class PreservationHandle:
         d = Cp.shape[0]
         k = min(cfg.rank or d, d)
         Ct = self._task_covariance(group, Cp)
-        tr_mean = float(torch.trace(Cp)) / d
         rule = _gain_rule(cfg)
         if Cp.device.type == "cuda":
             # Dense solve on the device; the core basis is built from host copies.
@@ -244,7 +242,6 @@ class PreservationHandle:
                 result, A=Ct_np, gains=rule, complement=cfg.complement
             )
         self._projectors[group] = basis
-        self._scales[group] = math.sqrt(max(tr_mean + float(basis.reg_used), 1e-30))
 
     def _solve_all(self) -> None:
         for group in self.groups:
@@ -398,21 +395,7 @@ class PreservationHandle:
                     f"layer {t.name!r} has no spectral basis (method={self.config.method!r})."
                 )
 
-            def conv(a: np.ndarray, w: torch.Tensor = w) -> torch.Tensor:
-                return torch.as_tensor(np.ascontiguousarray(a)).to(device=w.device, dtype=w.dtype)
-
-            out.append(
-                SpectralLayer(
-                    name=pname,
-                    weight=w,
-                    bias=b,
-                    values=conv(basis.values),
-                    vectors=conv(basis.vectors),
-                    dual=conv(basis.MV),
-                    transposed=transposed,
-                    scale=self._scales[group],
-                )
-            )
+            out.append(SpectralLayer.from_basis(pname, w, b, basis, transposed=transposed))
         return out
 
     def _refresh_due(self) -> bool:
