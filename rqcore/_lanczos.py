@@ -221,3 +221,185 @@ def block_lanczos(
         n_converged=int(np.count_nonzero(mask)),
         V=Vp,
     )
+
+
+def _cholqr2(X: FloatArray) -> tuple[FloatArray, NDArray[np.float64]]:
+    """Orthonormal basis of the columns of ``X`` and the |diagonal| of its triangular factor.
+
+    Cholesky-QR twice (two Gram products and two triangular solves, BLAS-3, about half the time of
+    Householder QR on tall blocks) with the column norms scaled out first; Householder QR when the Gram
+    matrix is numerically singular (nearly dependent columns).
+    """
+    norms = column_norms(X)
+    if X.shape[1] == 0 or not np.all(norms > 0):
+        Q, R = np.linalg.qr(X)
+        return Q, np.abs(np.diag(R))
+    Xs = X / norms.astype(X.dtype)
+    try:
+        Q = Xs
+        Rt = np.eye(X.shape[1])
+        for _ in range(2):
+            G = np.asarray(Q.T @ Q, dtype=np.float64)
+            R1 = scipy.linalg.cholesky(G, lower=False, check_finite=False)
+            if float(np.min(np.abs(np.diag(R1)))) < 1e-5 * float(np.max(np.abs(np.diag(R1)))):
+                raise np.linalg.LinAlgError
+            Q = scipy.linalg.solve_triangular(R1, Q.T, trans="T", lower=False, check_finite=False).T
+            Rt = R1 @ Rt
+    except np.linalg.LinAlgError:
+        Q, R = np.linalg.qr(X)
+        return Q, np.abs(np.diag(R))
+    return np.asarray(Q, dtype=X.dtype), np.abs(np.diag(Rt)) * norms
+
+
+def warm_block_davidson(
+    op: Callable[[FloatArray], tuple[FloatArray, FloatArray]],
+    d: int,
+    nwant: int,
+    *,
+    largest: bool,
+    X0: FloatArray,
+    W0: FloatArray,
+    Z0: FloatArray,
+    measure: Callable[[FloatArray, NDArray[np.float64], NDArray[np.float64]], NDArray[np.float64]],
+    bound: Callable[
+        [NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]], NDArray[np.float64]
+    ],
+    tol: float,
+    maxiter: int,
+    maxbasis: int,
+    rng: np.random.Generator,
+    dtype: np.dtype[Any],
+) -> tuple[KrylovResult, NDArray[np.float64]]:
+    """Block Davidson without preconditioner (residual expansion with soft locking) from a warm start.
+
+    ``X0`` is an orthonormal (d, m) start block in reduced coordinates (``m ≥ nwant``, e.g. the previous
+    solution ``Lᵀv0``), ``W0 = C X0`` and ``Z0 = L⁻ᵀ X0`` its images (``op(Y)`` returns ``(C Y, L⁻ᵀ Y)``).
+    Every step is a Rayleigh-Ritz on the whole basis, the reduced residuals ``R = C y − θy`` of the pairs
+    not yet locked, and one operator product on the orthonormalized residuals of the pairs still above
+    ``tol`` only. Expanding by every residual would be block Lanczos with block ``m``; dropping the
+    converged ones (after a perturbation most pairs converge in two or three steps, the ones at the
+    boundary ``k``/``k+1`` last) keeps the polynomial degree where it is needed and roughly halves the
+    columns.
+
+    Convergence: ``measure(R, theta, vnorms)`` is the true measure (a triangular product of ``R``, i.e. a
+    sweep over ``L``); it is evaluated for every pair in the first step (``v0`` already converged: return
+    after one product) and in verification passes. In between, ``bound(‖r‖, theta, 1)`` scaled by each
+    pair's last observed ratio true/bound decides which pairs are expanded (margin 2); when it predicts
+    convergence for all, a verification pass decides, and the pairs that fail it are expanded again.
+
+    Returns the result (``V`` holds ``L⁻ᵀY``; ``converged`` only after a passed verification) and the
+    measure of every returned pair (true after a verification pass, else partly predicted).
+    """
+    m = X0.shape[1]
+    cap = maxbasis + m
+    V = np.empty((d, cap), dtype=dtype, order="F")
+    W = np.empty((d, cap), dtype=dtype, order="F")
+    Zs = np.empty((d, cap), dtype=dtype, order="F")
+    H = np.zeros((cap, cap), dtype=np.float64)
+    n = 0
+
+    def add(Qb: FloatArray, Wb: FloatArray, Zb: FloatArray) -> None:
+        nonlocal n
+        b = Qb.shape[1]
+        e = n + b
+        V[:, n:e], W[:, n:e], Zs[:, n:e] = Qb, Wb, Zb
+        G = np.asarray(V[:, :e].T @ Wb, dtype=np.float64)
+        H[:e, n:e] = G
+        H[n:e, :e] = G.T
+        blk = H[n:e, n:e]
+        H[n:e, n:e] = (blk + blk.T) / 2
+        n = e
+
+    add(X0, W0, Z0)
+    it = 1
+    cand = np.arange(nwant)  # pairs whose residual is (re)computed this step
+    meas = np.full(nwant, np.inf)
+    theta = np.zeros(nwant)
+    S = np.zeros((n, nwant))
+    done = False
+    exact_pass = True  # evaluate the true measure of the candidates in this step
+    rho = np.ones(nwant)  # per pair: last true measure / bound
+    ones = np.ones(nwant)
+    eps = float(np.finfo(dtype).eps)
+    while True:
+        index = (n - nwant, n - 1) if largest else (0, nwant - 1)
+        vals, S = scipy.linalg.eigh(
+            H[:n, :n], subset_by_index=index, driver="evr", check_finite=False
+        )
+        if largest:
+            vals, S = vals[::-1], S[:, ::-1]
+        theta = vals
+        Sc = S[:, cand].astype(dtype, copy=False)
+        R = W[:, :n] @ Sc - V[:, :n] @ (Sc * theta[cand].astype(dtype))
+        th_c = theta[cand]
+        # bound without ‖v‖ = ‖L⁻ᵀy‖ (which varies slowly per pair and is absorbed in rho)
+        bnd = bound(column_norms(R), th_c, ones[: cand.size])
+        if exact_pass:
+            vn = column_norms(Zs[:, :n] @ Sc)
+            meas_c = measure(R, th_c, vn)
+            rho[cand] = meas_c / np.maximum(bnd, 1e-300)
+            bad = meas_c > tol
+        else:
+            # The true measure costs a triangular product of the residuals (a sweep over L); between
+            # verification passes the cheap bound, scaled by each pair's last observed ratio
+            # true/bound, decides which pairs are still expanded (with a margin of 2).
+            meas_c = bnd * rho[cand]
+            bad = meas_c > 0.5 * tol
+        meas[cand] = meas_c
+        if not bad.any():
+            if exact_pass and cand.size == nwant:
+                done = True
+                break
+            cand = np.arange(nwant)  # verify every pair (the locked ones moved a little)
+            exact_pass = True
+            continue
+        if it >= maxiter:
+            break
+        # R ⟂ V in exact arithmetic (Vᵀ R = H S − S Θ = 0): one projection removes the rounding.
+        Vn = V[:, :n]
+        Rn = R[:, bad]
+        Rn -= Vn @ (Vn.T @ Rn)
+        Q, diag = _cholqr2(Rn)
+        top = float(diag.max()) if diag.size else 0.0
+        keep = diag > 1e3 * eps * max(top, 1e-300)
+        if not keep.any():  # residuals inside the basis (rounding): expand at random instead
+            Q = rng.standard_normal((d, int(bad.sum()))).astype(dtype)
+            keep = np.zeros(Q.shape[1], dtype=np.bool_)
+        if not keep.all() or float(diag.min()) < 1e-4 * top:
+            # Dropped or nearly dependent columns: project again and re-orthonormalize (twice).
+            Q = Q[:, keep] if keep.any() else Q
+            for _ in range(2):
+                Q -= Vn @ (Vn.T @ Q)
+                Q, _ = np.linalg.qr(Q)
+        if n + Q.shape[1] > maxbasis:
+            # Thick restart onto the wanted Ritz vectors plus a margin (the residuals stay ⟂).
+            p = min(n, nwant + max(nwant // 2, 16), maxbasis - Q.shape[1])
+            index_p = (n - p, n - 1) if largest else (0, p - 1)
+            vp, Sp = scipy.linalg.eigh(
+                H[:n, :n], subset_by_index=index_p, driver="evr", check_finite=False
+            )
+            Spd = Sp.astype(dtype, copy=False)
+            V[:, :p] = V[:, :n] @ Spd
+            W[:, :p] = W[:, :n] @ Spd
+            Zs[:, :p] = Zs[:, :n] @ Spd
+            H[:, :] = 0.0
+            H[np.arange(p), np.arange(p)] = vp
+            n = p
+        Wq, Zq = op(Q)
+        it += 1
+        add(Q, np.asarray(Wq, dtype=dtype), np.asarray(Zq, dtype=dtype))
+        cand = cand[bad]
+        exact_pass = False
+    Sd = S.astype(dtype, copy=False)
+    Y = np.asarray(V[:, :n] @ Sd, dtype=dtype)
+    Vp = np.asarray(Zs[:, :n] @ Sd, dtype=dtype)
+    result = KrylovResult(
+        theta=np.asarray(theta, dtype=np.float64),
+        Y=Y,
+        estimates=np.asarray(meas, dtype=np.float64),
+        iterations=it,
+        converged=done,
+        n_converged=int(np.count_nonzero(meas <= tol)),
+        V=Vp,
+    )
+    return result, np.asarray(meas, dtype=np.float64)

@@ -27,7 +27,7 @@ from rqcore._eigen_kernels import (
     pair_residual_norms,
     residual_thresholds,
 )
-from rqcore._lanczos import KrylovResult, block_lanczos
+from rqcore._lanczos import KrylovResult, block_lanczos, warm_block_davidson
 from rqcore._lobpcg import lobpcg
 from rqcore._validation import as_float_array, check_finite, check_symmetric
 from rqcore.exceptions import ConvergenceWarning
@@ -339,6 +339,7 @@ class _Problem:
     transform: str  # "none" or "shift-invert"
     sigma: float = 0.0
     back: bool = False  # op returns (C Y, L⁻ᵀ Y)
+    op_back: Callable[[FloatArray], FloatArray] | None = None  # Z ↦ C Lᵀ Z = L⁻¹ A Z
 
 
 def _build_problem(
@@ -387,11 +388,18 @@ def _build_problem(
             W = gemm(1.0, A_f, Z)
             return pencil._trsm(W, trans=False, overwrite=True), Z
 
+        def op_back(Z: FloatArray) -> FloatArray:
+            W = gemm(1.0, A_f, np.asfortranarray(Z))
+            return pencil._trsm(W, trans=False, overwrite=True)
+
     else:
 
         def op_pair(Y: FloatArray) -> tuple[FloatArray, FloatArray]:
             Z = pencil.solve_upper(Y)
             return pencil.solve_lower(np.asarray(A @ Z)), Z
+
+        def op_back(Z: FloatArray) -> FloatArray:
+            return pencil.solve_lower(np.asarray(A @ Z))
 
     return _Problem(
         op=op_pair,  # type: ignore[arg-type]
@@ -399,6 +407,7 @@ def _build_problem(
         to_lambda=identity,
         transform="none",
         back=True,
+        op_back=op_back,
     )
 
 
@@ -415,10 +424,11 @@ _SINGLE_VECTOR_SMALL_D_MAX_K = 32
 #: ≤ 1e-10 for tol = 1e-8 at d = 512 … 2048, k = 8, 32 and saves up to a restart. The true measure is
 #: checked afterwards and the block iteration takes over when it fails.
 _SINGLE_VECTOR_TOL_FACTOR = 100.0
-#: Warm starts (``v0``) below this dimension also take the single-vector path, started from the sum of
-#: the previous reduced vectors: it needs about as many products as a cold run, but at d ≤ 2048 that is
-#: still 1.2-3× faster than the warm block run (6-9 blocks of ``k`` columns); above, the block run wins.
-_SINGLE_VECTOR_WARM_MAX_D = 2048
+#: Warm starts (``v0``) up to this dimension also take the single-vector path, started from the sum of
+#: the previous reduced vectors: it needs about as many products as a cold run, but at d ≤ 1024 that is
+#: still 1.6-3× faster than the warm block Davidson (whose small blocks are overhead-bound there);
+#: at d = 2048 the Davidson is ≈ 25 % faster (measured, 1 thread).
+_SINGLE_VECTOR_WARM_MAX_D = 1536
 
 
 def _use_single_vector(d: int, k: int) -> bool:
@@ -467,6 +477,92 @@ def _single_vector_lanczos(
     except scipy.sparse.linalg.ArpackNoConvergence:  # pragma: no cover - the block path takes over
         return None
     return np.asarray(Y, dtype=A.dtype), count[0]
+
+
+#: Warm starts (``v0`` given, ``"lanczos"``, no spectral transformation) run a block Davidson from the
+#: whole of ``span(Lᵀv0)`` first (see :func:`rqcore._lanczos.warm_block_davidson`); it hands over to the
+#: block Lanczos after this many block products.
+_WARM_MAX_STEPS = 40
+#: The warm path accepts a pair below ``_WARM_TOL_FACTOR·tol`` (its measure is the returned residual,
+#: computed as ``‖L(Cy − θy)‖``; the margin absorbs the rounding of a recomputation from ``AV``, ``MV``).
+_WARM_TOL_FACTOR = 0.9
+#: Basis size that triggers a thick restart of the warm Davidson: ``min(max(min(f·k + 16, d/2), 2k + 16),
+#: d − k)`` with this ``f``.
+_WARM_BASIS_FACTOR = 4
+
+
+def _warm_davidson(
+    problem: _Problem,
+    pencil: Pencil,
+    v0: FloatArray,
+    Y0: FloatArray,
+    k: int,
+    *,
+    tol: float,
+    norms: tuple[float, float],
+    maxiter: int,
+    rng: np.random.Generator,
+    dtype: np.dtype[Any],
+) -> tuple[KrylovResult, NDArray[np.float64]]:
+    """Warm start from the whole previous block: Rayleigh-Ritz on ``span(Lᵀv0)``, then block Davidson.
+
+    With ``m = k`` columns the first product reuses ``v0`` itself as ``L⁻ᵀX0`` (``X0 = Lᵀv0 R⁻¹`` from a
+    QR of ``Lᵀv0``), which saves one triangular solve; fewer columns are padded with random ones.
+    """
+    d = pencil.dim
+    a_norm, m_norm = norms
+    assert problem.op_back is not None
+    Q, Rr = np.linalg.qr(Y0)
+    diag = np.abs(np.diag(Rr))
+    # Reusing v0 needs a well-conditioned R (rounding in v0 R⁻¹ grows with cond(R)); an M-orthonormal
+    # v0 (a previous result) has R ≈ I. Otherwise X0 is orthonormalized and L⁻ᵀX0 recomputed.
+    ok = Y0.shape[1] == k and bool(diag.min() > 1e-2 * max(float(diag.max()), 1e-300))
+    if ok:
+        # Z0 = v0 R⁻¹ = L⁻ᵀ Q (v0 = L⁻ᵀ Y0 = L⁻ᵀ Q R).
+        Z0 = scipy.linalg.solve_triangular(Rr, v0.T, trans="T", lower=False, check_finite=False).T
+        Z0 = np.asfortranarray(Z0, dtype=dtype)
+        W0 = np.asarray(problem.op_back(Z0), dtype=dtype)
+        X0 = Q
+    else:
+        pad = rng.standard_normal((d, k - Y0.shape[1])).astype(dtype)
+        X0, _ = np.linalg.qr(np.hstack([Y0, pad]) if pad.shape[1] else Y0)
+        out = problem.op(X0)
+        W0, Z0 = np.asarray(out[0], dtype=dtype), np.asarray(out[1], dtype=dtype)
+    tiny = float(np.finfo(np.float64).tiny)
+
+    def measure(
+        R: FloatArray, theta: NDArray[np.float64], vnorms: NDArray[np.float64]
+    ) -> NDArray[np.float64]:
+        # Av − θMv = L(Cy − θy): one trmm of the residual block gives the measure of pair_residuals.
+        num = column_norms(np.asarray(pencil.lower_matmul(R), dtype=np.float64))
+        den = (a_norm + np.abs(theta) * m_norm) * np.maximum(vnorms, tiny)
+        return num / den
+
+    sqrt_m = math.sqrt(m_norm)
+
+    def bound(
+        rnorms: NDArray[np.float64], theta: NDArray[np.float64], vnorms: NDArray[np.float64]
+    ) -> NDArray[np.float64]:
+        # ‖L r‖ ≤ ‖L‖‖r‖ with ‖L‖² = ‖M‖₂ ≤ ‖M‖₁ (over-estimates by about two orders here).
+        return sqrt_m * rnorms / ((a_norm + np.abs(theta) * m_norm) * np.maximum(vnorms, tiny))
+
+    maxbasis = min(max(min(int(_WARM_BASIS_FACTOR * k) + 16, d // 2), 2 * k + 16), d - k)
+    return warm_block_davidson(
+        problem.op,  # type: ignore[arg-type]
+        d,
+        k,
+        largest=problem.largest,
+        X0=X0,
+        W0=W0,
+        Z0=Z0,
+        measure=measure,
+        bound=bound,
+        tol=_WARM_TOL_FACTOR * tol,
+        maxiter=maxiter,
+        maxbasis=maxbasis,
+        rng=rng,
+        dtype=dtype,
+    )
 
 
 def _finalize(
@@ -589,6 +685,56 @@ def _iterative(
         return 2.0 * num / (tol * scale * den)
 
     start = None if v0 is None else pencil.upper_matmul(v0.astype(dtype, copy=False))
+    used = 0
+    single_ok = (
+        method == "lanczos"
+        and (v0 is None or d <= _SINGLE_VECTOR_WARM_MAX_D)
+        and maxiter is None
+        and largest
+        and problem.back
+        and isinstance(A, np.ndarray)
+        and pencil.cholesky_factor is not None
+        and A.dtype == pencil.dtype
+        and _use_single_vector(d, k)
+    )
+    if (
+        method == "lanczos"
+        and v0 is not None
+        and start is not None
+        and not single_ok
+        and problem.back
+        and problem.op_back is not None
+        and problem.transform == "none"
+    ):
+        budget_w = _WARM_MAX_STEPS if maxiter is None else max(int(maxiter), 1)
+        warm_res = _warm_davidson(
+            problem,
+            pencil,
+            v0.astype(dtype, copy=False),
+            start,
+            k,
+            tol=tol,
+            norms=(a_norm, m_norm),
+            maxiter=budget_w,
+            rng=rng,
+            dtype=dtype,
+        )
+        used = warm_res[0].iterations
+        if warm_res[0].converged:
+            res_w, meas_w = warm_res
+            assert res_w.V is not None
+            return (
+                np.ascontiguousarray(res_w.theta, dtype=dtype),
+                np.ascontiguousarray(res_w.V),
+                meas_w,
+                used,
+                label,
+            )
+        # Not converged within its steps: the block Lanczos finishes from the current Ritz vectors.
+        start = warm_res[0].Y
+        if maxiter is not None and used >= int(maxiter):
+            fin = _finalize(A, pencil, warm_res[0].Y, (a_norm, m_norm), largest, V=warm_res[0].V)
+            return fin[0], fin[1], fin[2], used, label
     if method == "lanczos":
         b, basis = _lanczos_params(d, k, warm)
         if start is not None and start.shape[1] > b:
@@ -601,19 +747,8 @@ def _iterative(
         default_maxiter = max(200, min(5000, d))
     budget = default_maxiter if maxiter is None else max(int(maxiter), 1)
     scale = 1.0
-    used = 0
     values = vectors = residuals = None
-    if (
-        method == "lanczos"
-        and (start is None or d <= _SINGLE_VECTOR_WARM_MAX_D)
-        and maxiter is None
-        and largest
-        and problem.back
-        and isinstance(A, np.ndarray)
-        and pencil.cholesky_factor is not None
-        and A.dtype == pencil.dtype
-        and _use_single_vector(d, k)
-    ):
+    if single_ok:
         single = _single_vector_lanczos(A, pencil, k, tol, rng, start)
         if single is not None:
             Y1, products = single
@@ -724,7 +859,8 @@ def generalized_topk(
         path.
     v0 : (d, m) array_like, optional
         Warm start with ``m ≤ k`` columns, e.g. the previous result's vectors. The iteration starts from
-        ``span(v0)`` (in reduced coordinates ``Lᵀ v0``) padded with random columns.
+        the whole of ``span(v0)`` (in reduced coordinates ``Lᵀ v0``) padded with random columns: a
+        Rayleigh-Ritz on it is accepted at once when every pair is already below ``tol``.
     M : array, LinearOperator or callable, optional
         Preconditioner for LOBPCG, an approximation of ``(A − σ(B + εI))⁻¹`` applied to (d, m) blocks.
         Passing one makes ``method="auto"`` choose LOBPCG.
@@ -789,11 +925,13 @@ def generalized_topk(
         ``result.method``, e.g. ``"dense (fallback: k close to d)"``.
 
     Warm starts: pass ``v0=previous.vectors`` and ``B=previous.pencil``; ``B`` is never refactored. On
-    the single-vector path (``d ≤ 2048``) ARPACK starts from the sum of the columns of ``Lᵀv0`` (it saves
-    few products, but that path is still the fastest there). For
-    ``k ≤ 32`` the block Lanczos uses ``b = k`` and starts from ``span(Lᵀv0)``; for larger ``k`` it
-    keeps the cold block size and starts from the leading ``b`` columns of ``Lᵀv0`` (a block of ``k``
-    columns converges worse per column).
+    the single-vector path (``d ≤ 1536``, small ``k``) ARPACK starts from the sum of the columns of
+    ``Lᵀv0``. Otherwise (``"lanczos"`` without shift-invert) a block Davidson starts from the whole of
+    ``span(Lᵀv0)``: Rayleigh-Ritz (accepted at once if every pair is below ``tol``), then one product per
+    step on the residuals of the pairs still above ``tol``; the returned residuals are its true measures
+    (``‖L(Cy − θy)‖``, equal to those of :func:`pair_residuals` up to rounding). If it has not converged
+    after 40 block products, the block Lanczos finishes from its Ritz vectors. ``iterations`` counts
+    block products on both.
 
     Examples
     --------

@@ -227,6 +227,88 @@ def test_warm_start_after_perturbation(method):
     )
 
 
+def _perturbed(A, seed):
+    """A + E, E symmetric from a fresh sample, ‖E‖_F = 1 % ‖A‖_F (as in benchmarks/compare_eigen.py)."""
+    d = A.shape[0]
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((2 * d, d)) * np.arange(1, d + 1) ** -0.5
+    E = X.T @ X / (2 * d) - A
+    return A + 0.01 * np.linalg.norm(A) / np.linalg.norm(E) * E
+
+
+@pytest.mark.parametrize("k", [40, 64])
+def test_warm_davidson_unchanged_A_returns_at_once(k):
+    """v0 = converged vectors of the same A: the Rayleigh-Ritz on span(Lᵀv0) is accepted at once."""
+    d = 600
+    A, B = power_law_pencil(d, seed=31)
+    cold = generalized_topk(A, B, k, reg=1e-3, seed=0)
+    assert cold.method == "lanczos"
+    warm = generalized_topk(A, cold.pencil, k, v0=cold.vectors, seed=1)
+    assert warm.converged and warm.iterations == 1
+    check_result(warm, A, reg_M(B, 1e-3), k, True)
+    np.testing.assert_allclose(
+        warm.residuals,
+        pair_residuals(A, warm.pencil, warm.values, warm.vectors),
+        rtol=1e-6,
+        atol=1e-15,
+    )
+
+
+@pytest.mark.parametrize(("d", "k"), [(600, 64), (400, 40), (300, 10)])
+def test_warm_davidson_after_perturbation(d, k):
+    """Warm re-solve of A + E (block Davidson from the whole of span(Lᵀv0)): same pairs as
+    scipy.linalg.eigh to the stated tolerance, fewer block products than a cold run, pencil reused."""
+    A, B = power_law_pencil(d, seed=32)
+    cold = generalized_topk(A, B, k, reg=1e-3, seed=0, maxiter=10_000)
+    A2 = _perturbed(A, seed=33)
+    # maxiter selects the block iterations (no single-vector path) also for small k.
+    warm = generalized_topk(A2, cold.pencil, k, v0=cold.vectors, seed=0, maxiter=10_000)
+    recold = generalized_topk(A2, cold.pencil, k, seed=0, maxiter=10_000)
+    assert warm.converged and warm.method == "lanczos"
+    assert warm.iterations < recold.iterations
+    check_result(warm, A2, reg_M(B, 1e-3), k, True)
+    true = pair_residuals(A2, warm.pencil, warm.values, warm.vectors)
+    assert np.max(true) <= 1e-10
+    np.testing.assert_allclose(warm.residuals, true, rtol=1e-6, atol=1e-15)
+
+
+def test_warm_davidson_fewer_columns_operator_and_float32():
+    """v0 with fewer than k columns (padded at random), an operator A, and float32 input."""
+    d, k = 400, 40
+    A, B = power_law_pencil(d, seed=34)
+    P = Pencil(B, reg=1e-3)
+    cold = generalized_topk(A, P, k, seed=0)
+    A2 = _perturbed(A, seed=35)
+    part = generalized_topk(A2, P, k, v0=cold.vectors[:, :25], seed=0)
+    check_result(part, A2, reg_M(B, 1e-3), k, True)
+    op = scipy.sparse.linalg.aslinearoperator(A2)
+    res_op = generalized_topk(op, P, k, v0=cold.vectors, seed=0)
+    check_result(res_op, A2, reg_M(B, 1e-3), k, True)
+    A32, B32 = A2.astype(np.float32), B.astype(np.float32)
+    P32 = Pencil(B32, reg=1e-3)
+    cold32 = generalized_topk(A.astype(np.float32), P32, k, seed=0)
+    res32 = generalized_topk(A32, P32, k, v0=cold32.vectors, seed=0)
+    assert res32.converged and res32.vectors.dtype == np.float32
+    assert np.max(pair_residuals(A32, P32, res32.values, res32.vectors)) <= 1e-5
+
+
+def test_warm_davidson_not_converged_warns():
+    d, k = 400, 40
+    A, B = power_law_pencil(d, seed=36)
+    cold = generalized_topk(A, B, k, reg=1e-3, seed=0)
+    A2 = _perturbed(A, seed=37)
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        res = generalized_topk(A2, cold.pencil, k, v0=cold.vectors, maxiter=1, seed=0)
+    assert res.converged is False and res.iterations == 1
+    assert res.values.shape == (k,) and np.all(np.isfinite(res.values))
+    np.testing.assert_allclose(
+        res.residuals,
+        pair_residuals(A2, res.pencil, res.values, res.vectors),
+        rtol=1e-6,
+        atol=1e-15,
+    )
+
+
 def test_single_vector_fallback_to_block(monkeypatch):
     """A single-vector (ARPACK) result that fails the true measure is finished by the block path."""
     import rqcore.generalized as gen
