@@ -13,12 +13,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["GATES", "METHODS", "PreserveConfig"]
+__all__ = ["GATES", "LORA_B_MODES", "LORA_INITS", "METHODS", "PreserveConfig"]
 
 #: Methods :func:`rqcore_torch.preserve` understands; see ``docs/torch.md``.
 METHODS = ("folora", "gate", "nullspace", "none")
 #: Named gain functions of :mod:`rqcore.gates` usable as ``gate=``.
 GATES = ("ratio", "hard", "threshold", "sigmoid", "power")
+#: ``lora_init`` choices: re-initialize ``lora_A`` from the pencil's top eigenvectors, or keep PEFT's init.
+LORA_INITS = ("basis", "keep")
+#: ``lora_b`` choices: gate ``lora_B`` in the r-dimensional pencil, or train it with plain Adam.
+LORA_B_MODES = ("pencil", "adam")
 
 
 def _check_fraction(value: Any, name: str, *, closed_low: bool = False) -> float:
@@ -98,6 +102,29 @@ class PreserveConfig:
         Show a tqdm bar during calibration.
     seed : int, optional
         Seed of token subsampling.
+    lora_init : {"basis", "keep"}, default "basis"
+        ``"folora"`` on PEFT LoRA targets: ``"basis"`` re-initializes each trainable ``lora_A`` once, in
+        :func:`~rqcore_torch.preserve` (before any training step), with the top-``r`` generalized
+        eigenvectors of its layer's pencil, every row rescaled to the RMS row norm of PEFT's init (so
+        ``lora_B``'s effective learning rate is unchanged). An adapter whose ``lora_B`` is already nonzero
+        (trained) is left alone. Without a ``task_loader`` the pencil's ``C_t`` is then the isotropic
+        placeholder, so the rows are the directions the calibration data uses least (cheap in penalty:
+        ``lora_B`` can move along them without forgetting). ``"keep"``: PEFT's random init.
+    lora_b : {"adam", "pencil"}, default "adam"
+        ``"folora"`` on PEFT LoRA targets: ``"pencil"`` gates ``lora_B`` in the r-dimensional pencil
+        ``(L_A C_t L_Aᵀ, L_A (C_p + εI) L_Aᵀ)`` (its inputs are ``L_A x``); ``"adam"``: plain Adam, the
+        default because, with ``lora_A`` gated and started in the basis, gating ``lora_B`` too cost T
+        accuracy without protecting P any better in the transformer experiment, and tied in the toy
+        (``docs/folora.md`` §3).
+    lora_b_tau : {"rank", "layer"}, default "rank"
+        ``τ`` of ``lora_B``'s gate: ``"layer"`` the layer's own ``τ`` (the r-dim ``λ`` are the layer's
+        Rayleigh quotients, so a direction gets the same gain through ``L_A`` or ``L_B``); ``"rank"``
+        the ``tau`` rule applied to the ``r`` values (the toy's setting; each won one of the two
+        transformer comparisons, ``docs/folora.md`` §3).
+    lora_refresh_every : int, optional, default 25
+        Re-solve the ``lora_B`` pencils from the current ``lora_A`` every this many steps (None: only
+        when the handle re-solves its pencils — the warm-up and ``refresh_every`` refreshes, which always
+        re-solve them with the new ``C_t``).
 
     Raises
     ------
@@ -133,6 +160,10 @@ class PreserveConfig:
     share_inputs: bool = True
     progress: bool = True
     seed: int | None = None
+    lora_init: str = "basis"
+    lora_b: str = "adam"
+    lora_b_tau: str = "rank"
+    lora_refresh_every: int | None = 25
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -210,6 +241,27 @@ class PreserveConfig:
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}.")
+
+        if self.lora_init not in LORA_INITS:
+            raise ValueError(
+                f'lora_init must be one of {LORA_INITS}, got {self.lora_init!r}: "basis" starts '
+                "lora_A in the pencil's top eigenvectors, \"keep\" keeps PEFT's random init."
+            )
+        if self.lora_b not in LORA_B_MODES:
+            raise ValueError(
+                f'lora_b must be one of {LORA_B_MODES}, got {self.lora_b!r}: "pencil" gates lora_B '
+                'in the r-dimensional pencil, "adam" trains it with plain Adam.'
+            )
+        if self.lora_b_tau not in ("layer", "rank"):
+            raise ValueError(
+                f'lora_b_tau must be "layer" or "rank", got {self.lora_b_tau!r}: the layer\'s own τ, '
+                "or the tau rule on lora_B's r eigenvalues."
+            )
+        self.lora_refresh_every = _check_optional_positive_int(
+            self.lora_refresh_every,
+            "lora_refresh_every",
+            "e.g. lora_refresh_every=25, or None to re-solve only at the handle's refreshes.",
+        )
 
     def to_json_dict(self) -> dict[str, Any]:
         """The fields as JSON-serializable values (a callable gate is stored as ``"<callable>"``).

@@ -267,20 +267,37 @@ class LoRAPencil:
     C_t, C_p : (d, d) Tensor
         The layer's input second moments (not augmented: LoRA has no bias).
     reg : float, default 1e-2
+        Relative shift of the r-dim metric, ``ε_r = reg·tr(L_A C_p L_Aᵀ)/r`` (when ``eps`` is None).
+    eps : float, optional
+        Absolute shift ``ε`` of the *layer's* metric ``M = C_p + εI``: the r-dim metric is then exactly
+        ``L_A M L_Aᵀ`` (the layer's penalty of ``ΔW = ΔL_B L_A``), which stays positive definite when
+        ``L_A``'s rows lie where ``C_p`` has no energy (``reg`` is then only a 1e-9 numerical guard).
+        :class:`~rqcore_torch.PreservationHandle` passes the ``ε`` of the layer's own basis.
+    tau : float, optional
+        ``τ`` of ``L_B``'s gate. The r-dim pencil's ``λ`` is the layer's Rayleigh quotient at
+        ``w = L_Aᵀu``, so the layer's own ``τ`` gives a direction the same gain whether it is reached
+        through ``L_A`` or ``L_B``; None: the optimizer's ``tau`` rule on the ``r`` values (which, with
+        ``L_A`` already in the top eigenvectors, gates the best directions a second time).
     """
 
     lora_A: torch.Tensor
     C_t: torch.Tensor
     C_p: torch.Tensor
     reg: float = 1e-2
+    eps: float | None = None
+    tau: float | None = None
 
     def solve(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """``(values, vectors, dual, scale)`` of the r-dim pencil at the current ``L_A`` (float64)."""
         LA = self.lora_A.detach().to(torch.float64)
         A = LA @ self.C_t.to(LA) @ LA.T
         B = LA @ self.C_p.to(LA) @ LA.T
+        reg = self.reg
+        if self.eps is not None:
+            B = B + float(self.eps) * (LA @ LA.T)
+            reg = 1e-9
         r = A.shape[0]
-        values, vectors, eps = dense_generalized_topk((A + A.T) / 2, (B + B.T) / 2, r, reg=self.reg)
+        values, vectors, eps = dense_generalized_topk((A + A.T) / 2, (B + B.T) / 2, r, reg=reg)
         dual = B @ vectors + eps * vectors
         scale = math.sqrt(max(float(torch.diagonal(B).sum()) / r + float(eps), 1e-30))
         return values, vectors, dual, scale
@@ -535,6 +552,10 @@ class FoLoRAAdam(torch.optim.Optimizer):
             self._resolve_gains(n, pooled)
 
     def _resolve_gains(self, name: str, pooled: np.ndarray | None = None) -> None:
+        pencil = self.lora_pencils.get(name) if hasattr(self, "lora_pencils") else None
+        if pencil is not None and pencil.tau is not None:
+            self._set_gains(name, float(pencil.tau))  # the layer's τ (see LoRAPencil)
+            return
         st = self._lstate(name)
         lam = st["values"].to(torch.float64).cpu().numpy()
         if self.tau == "budget":
@@ -622,6 +643,16 @@ class FoLoRAAdam(torch.optim.Optimizer):
         st["exp_avg"] = z_new
         if "comp_exp_avg" in st:
             st["comp_exp_avg"] = m_G - z_new @ MV_new.T  # complement part under the new basis
+
+    def refresh_lora_pencils(self, names: Iterable[str] | None = None) -> None:
+        """Re-solve the ``lora_pencils`` (all, or ``names``) now, from the current ``L_A`` and each
+        pencil's ``C_t``/``C_p``; the moments follow ``refresh_moments`` (:meth:`set_basis`).
+
+        :class:`~rqcore_torch.PreservationHandle` calls it after replacing the pencils' ``C_t`` (its
+        warm-up and periodic refreshes).
+        """
+        for name in self.lora_pencils if names is None else names:
+            self._solve_lora(name, self.lora_pencils[name])
 
     def _solve_lora(self, name: str, pencil: LoRAPencil, initial: bool = False) -> None:
         values, vectors, dual, scale = pencil.solve()

@@ -28,7 +28,7 @@ from rqcore_torch.projectors import LayerGate, TorchGate, to_torch
 from rqcore_torch.targets import Target
 
 if TYPE_CHECKING:
-    from rqcore_torch.folora import FoLoRAAdam, SpectralLayer
+    from rqcore_torch.folora import FoLoRAAdam, LoRAPencil, SpectralLayer
 
 __all__ = ["LayerReport", "PenaltyReport", "PreservationHandle", "Report"]
 
@@ -180,8 +180,14 @@ class PreservationHandle:
         self._online: _InputCollector | None = None
         self._online_stats: CalibrationStatistics | None = None
         self._removed = False
+        # C_t each group's current basis was solved with (the LoRA pencils of lora_B reuse it).
+        self._task_cov: dict[str, torch.Tensor] = {}
+        # lora_B layer name -> (group, pencil) of the FoLoRAAdam built by optimizer() (method "folora").
+        self._lora_pencils: dict[str, tuple[str, LoRAPencil]] = {}
         if config.method != "none":
             self._solve_all()
+        if config.method == "folora" and config.lora_init == "basis":
+            self._init_lora_from_basis()
         if config.method == "gate" and config.refresh_every is not None:
             self._attach_online()
         elif config.method == "folora" and (
@@ -217,6 +223,7 @@ class PreservationHandle:
         d = Cp.shape[0]
         k = min(cfg.rank or d, d)
         Ct = self._task_covariance(group, Cp)
+        self._task_cov[group] = Ct
         rule = _gain_rule(cfg)
         if Cp.device.type == "cuda":
             # Dense solve on the device; the core basis is built from host copies.
@@ -374,6 +381,94 @@ class PreservationHandle:
                     continue
                 yield t, group, pname, w, b, transposed
 
+    # ------------------------------------------------------------------ LoRA (method "folora")
+    def _lora_adapters(self) -> Iterator[tuple[Target, str, str, Any, Any]]:
+        """(target, group, adapter, lora_A weight, lora_B weight) of every PEFT LoRA adapter."""
+        for t in self.targets:
+            if t.kind != "lora":
+                continue
+            group = self.statistics.layers[t.name].group
+            mod: Any = t.module
+            for adapter in mod.lora_A:
+                if adapter in mod.lora_B:
+                    yield t, group, adapter, mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
+
+    def _init_lora_from_basis(self) -> None:
+        """Start each trainable ``lora_A`` in its layer's top-``r`` generalized eigenvectors.
+
+        Rows are rescaled to the RMS row norm of the current (PEFT) init, so ``lora_B``'s effective
+        learning rate is unchanged. Runs once, at construction: an adapter whose ``lora_B`` is nonzero
+        (already trained, so ``lora_A`` carries the model's function) is kept, with a warning.
+        """
+        from rqcore_torch.folora import lora_init_from_basis
+
+        for t, group, adapter, A, B in self._lora_adapters():
+            if not A.requires_grad:
+                continue
+            basis = self._projectors.get(group)
+            if not isinstance(basis, RayleighBasis):
+                continue
+            r = A.shape[0]
+            if bool((B.detach() != 0).any()):
+                logger.warning(
+                    "%s: lora_B of adapter %r is nonzero (a trained adapter); lora_A is kept "
+                    "(lora_init='basis' only re-initializes fresh adapters).",
+                    t.name,
+                    adapter,
+                )
+                continue
+            if r > basis.rank:
+                logger.warning(
+                    "%s: LoRA rank %d exceeds the basis rank %d; lora_A is kept.",
+                    t.name,
+                    r,
+                    basis.rank,
+                )
+                continue
+            with torch.no_grad():
+                rms = float(A.detach().double().pow(2).sum(1).mean().sqrt())
+                scale = rms if rms > 0 and math.isfinite(rms) else None
+                A.copy_(lora_init_from_basis(basis, r, scale=scale, dtype=A.dtype, device=A.device))
+
+    def _lora_b_layers(self) -> list[tuple[SpectralLayer, str, LoRAPencil]]:
+        """``lora_B`` of every trainable adapter as a layer gated in its r-dim pencil (placeholder basis).
+
+        The basis is solved by :class:`~rqcore_torch.FoLoRAAdam` from the pencil at construction.
+        """
+        from rqcore_torch.folora import LoRAPencil, SpectralLayer
+
+        out = []
+        for t, group, adapter, A, B in self._lora_adapters():
+            if not B.requires_grad:
+                continue
+            Cp = self.statistics.groups[group].covariance()
+            Ct = self._task_cov.get(group)
+            if Ct is None:
+                Ct = self._task_covariance(group, Cp)
+            r = B.shape[1]
+            eye = torch.eye(r, dtype=B.dtype, device=B.device)
+            ones = torch.ones(r, dtype=B.dtype, device=B.device)
+            layer = SpectralLayer(f"{t.name}.lora_B.{adapter}", B, None, ones, eye, eye, scale=1.0)
+            # ε of the layer's own metric M = C_p + εI: the r-dim metric is L_A M L_Aᵀ exactly.
+            eps = float(self.config.reg or 0.0) * float(torch.trace(Cp)) / Cp.shape[0]
+            pencil = LoRAPencil(
+                A, Ct, Cp, reg=float(self.config.reg or 0.0), eps=eps, tau=self._layer_tau(group)
+            )
+            out.append((layer, group, pencil))
+        return out
+
+    def _layer_tau(self, group: str) -> float | None:
+        """``τ`` of the group's full pencil (what its ``lora_A`` gets) for ``lora_b_tau="layer"``, else None."""
+        cfg = self.config
+        basis = self._projectors.get(group)
+        if cfg.lora_b_tau != "layer" or not isinstance(basis, RayleighBasis):
+            return None
+        from rqcore_torch.folora import resolve_tau
+
+        if cfg.tau != "auto":
+            return float(cfg.tau)
+        return resolve_tau(np.asarray(basis.values), "utility", cfg.tau_fraction)
+
     def spectral_layers(self) -> list[SpectralLayer]:
         """One :class:`~rqcore_torch.folora.SpectralLayer` per trainable gated weight (``"folora"``).
 
@@ -418,6 +513,11 @@ class PreservationHandle:
                 optimizer.set_basis(
                     layer.name, layer.values, layer.vectors, layer.dual, scale=layer.scale
                 )
+            if self._lora_pencils:  # lora_B: the r-dim pencils see the new C_t through L_A
+                for group, pencil in self._lora_pencils.values():
+                    pencil.C_t = self._task_cov[group]
+                    pencil.tau = self._layer_tau(group)
+                optimizer.refresh_lora_pencils(self._lora_pencils)
 
     def _online_state(self) -> dict[str, dict[str, torch.Tensor]]:
         if self._online_stats is None:
@@ -472,10 +572,15 @@ class PreservationHandle:
                 'drop them, or use method="gate" for the full gain-function options.'
             )
         lr = hyper["lr"]
+        cfg = self.config
         layers = self.spectral_layers()
+        self._lora_pencils = {}
+        if cfg.lora_b == "pencil":
+            for layer, group, pencil in self._lora_b_layers():
+                layers.append(layer)
+                self._lora_pencils[layer.name] = (group, pencil)
         gated = {id(p) for lay in layers for p in (lay.weight, lay.bias) if p is not None}
         others = [p for p in self.model.parameters() if p.requires_grad and id(p) not in gated]
-        cfg = self.config
         optimizer = FoLoRAAdam(
             layers,
             others,
@@ -489,6 +594,8 @@ class PreservationHandle:
             tau_param=cfg.tau_fraction,
             rank=cfg.gate_options.get("rank"),
             complement=cfg.complement,
+            lora_pencils={name: pencil for name, (_, pencil) in self._lora_pencils.items()},
+            refresh_every=cfg.lora_refresh_every or 0,
             on_step=self._on_folora_step,
         )
 
@@ -510,6 +617,14 @@ class PreservationHandle:
                 extra["generator"] = self._online.generator.get_state()
             if gated is not None:
                 extra["bases"] = self._bases_state()
+            if self._lora_pencils:  # the C_t (and τ) the lora_B pencils are re-solved with
+                extra["lora_task"] = {
+                    group: pencil.C_t.detach().cpu().clone()
+                    for group, pencil in self._lora_pencils.values()
+                }
+                extra["lora_tau"] = {
+                    name: pencil.tau for name, (_, pencil) in self._lora_pencils.items()
+                }
             sd["preserve"] = extra
             return sd
 
@@ -537,6 +652,18 @@ class PreservationHandle:
             if gated is not None and extra.get("bases"):
                 self._load_bases_state(extra["bases"])
                 gated.set_layers(self.layer_gates())
+            for group, Ct in extra.get("lora_task", {}).items():
+                if group in self._task_cov:
+                    Ct = Ct.to(
+                        device=self._task_cov[group].device, dtype=self._task_cov[group].dtype
+                    )
+                    self._task_cov[group] = Ct
+                for g, pencil in self._lora_pencils.values():
+                    if g == group:
+                        pencil.C_t = Ct
+            for name, tau in extra.get("lora_tau", {}).items():
+                if name in self._lora_pencils:
+                    self._lora_pencils[name][1].tau = tau
 
         optimizer.register_state_dict_post_hook(save_hook)
         optimizer.register_load_state_dict_pre_hook(load_pre_hook)
@@ -626,7 +753,10 @@ class PreservationHandle:
             :class:`~rqcore_torch.FoLoRAAdam` over the target layers (one per trainable gated weight,
             with its bias), every other trainable parameter going to its plain-AdamW group; the bases
             are re-solved and installed with ``set_basis`` after ``task_warmup`` steps (no task
-            statistics) and every ``refresh_every`` steps. Any other class (and any class for the
+            statistics) and every ``refresh_every`` steps. PEFT LoRA targets: ``lora_A`` is gated in
+            the layer's pencil; ``lora_B`` is in the plain-AdamW group, or (``lora_b="pencil"``) gated
+            in the r-dim pencil through the current ``lora_A``, re-solved every
+            ``lora_refresh_every`` steps and at each of the handle's refreshes (new ``C_t``). Any other class (and any class for the
             other methods) is built over the trainable parameters and wrapped (:meth:`wrap`); with
             ``"folora"`` its step is then gated in the same bases (for plain SGD that is FoLoRA).
         **kwargs

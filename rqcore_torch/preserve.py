@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -16,9 +16,94 @@ from rqcore_torch.calibration import (
 )
 from rqcore_torch.config import PreserveConfig
 from rqcore_torch.handle import PreservationHandle
-from rqcore_torch.targets import TargetSpec, resolve_targets
+from rqcore_torch.targets import Target, TargetSpec, resolve_targets
 
-__all__ = ["preserve"]
+__all__ = ["LORA_KEYS", "preserve"]
+
+#: Keys of ``preserve(..., lora={...})``.
+LORA_KEYS = ("r", "alpha", "target_modules", "dropout")
+
+
+def _check_lora(lora: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``preserve``'s ``lora=`` dict (before any forward pass); defaults filled in."""
+    if not isinstance(lora, Mapping):
+        raise TypeError(
+            f"lora must be a dict such as dict(r=8, alpha=16), got {type(lora).__name__}."
+        )
+    bad = sorted(set(lora) - set(LORA_KEYS))
+    if bad:
+        raise ValueError(
+            f"unknown lora keys {bad}; lora= accepts {list(LORA_KEYS)} "
+            "(e.g. lora=dict(r=8, alpha=16, target_modules=['query', 'value']))."
+        )
+    r = lora.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
+        raise ValueError(f"lora['r'] must be a positive integer, got {r!r}.")
+    alpha = lora.get("alpha", 2 * int(r))
+    try:
+        alpha_f = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"lora['alpha'] must be a positive number, got {alpha!r}.") from None
+    if not (np.isfinite(alpha_f) and alpha_f > 0):
+        raise ValueError(f"lora['alpha'] must be a positive number, got {alpha!r}.")
+    dropout = lora.get("dropout", 0.0)
+    try:
+        dropout_f = float(dropout)
+    except (TypeError, ValueError):
+        raise ValueError(f"lora['dropout'] must be a number in [0, 1), got {dropout!r}.") from None
+    if not 0.0 <= dropout_f < 1.0:
+        raise ValueError(f"lora['dropout'] must be a number in [0, 1), got {dropout!r}.")
+    modules = lora.get("target_modules")
+    if modules is not None:
+        modules = [modules] if isinstance(modules, str) else list(modules)
+        if not modules or not all(isinstance(m, str) and m for m in modules):
+            raise ValueError(
+                f"lora['target_modules'] must be a module name or a non-empty list of names, "
+                f"got {lora.get('target_modules')!r}."
+            )
+    return {"r": int(r), "alpha": alpha_f, "dropout": dropout_f, "target_modules": modules}
+
+
+def _inject_lora(model: nn.Module, spec: dict[str, Any], resolved: list[Target]) -> list[str]:
+    """Add PEFT LoRA adapters to ``model`` in place; the names of the preserved LoRA layers.
+
+    ``target_modules`` defaults to the ``nn.Linear`` targets. ``peft.inject_adapter_in_model`` keeps
+    the model object (same class and forward; PEFT freezes every non-LoRA parameter).
+    """
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as exc:
+        raise ImportError("preserve(..., lora=...) needs peft: pip install peft") from exc
+    if any(t.kind == "lora" for t in resolved):
+        raise ValueError(
+            "the model already has PEFT LoRA layers; drop lora= (preserve gates existing adapters)."
+        )
+    names = [t.name for t in resolved]
+    modules = spec["target_modules"]
+    if modules is None:
+        modules = [t.name for t in resolved if t.kind == "linear"]
+        if not modules:
+            raise ValueError(
+                "lora=: none of the preserved layers is an nn.Linear; pass lora['target_modules']."
+            )
+    config = LoraConfig(
+        r=spec["r"],
+        lora_alpha=spec["alpha"],
+        lora_dropout=spec["dropout"],
+        target_modules=modules,
+    )
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as exc:
+        raise ValueError(f"lora=: PEFT could not add adapters ({exc}).") from exc
+    wrapped = {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    chosen = [n for n in names if n in wrapped]
+    if not chosen:
+        raise ValueError(
+            f"lora['target_modules']={modules!r} wraps none of the preserved layers {names}; "
+            "make targets= and target_modules overlap."
+        )
+    return chosen
 
 
 def preserve(
@@ -39,6 +124,7 @@ def preserve(
     token_fraction: float = 1.0,
     progress: bool = True,
     seed: int | None = None,
+    lora: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> PreservationHandle:
     """Calibrate ``model`` on data it should not forget and return a handle that gates finetuning.
@@ -63,6 +149,16 @@ def preserve(
         ``forward(model, batch)`` overriding how batches are fed.
     max_batches, token_fraction, progress, seed
         Bounds and subsampling of the passes; see :func:`~rqcore_torch.calibrate`.
+    lora : dict, optional
+        Add PEFT LoRA adapters first: ``dict(r=8, alpha=2r, target_modules=None, dropout=0.0)``
+        (``target_modules`` defaults to the ``nn.Linear`` layers among ``targets``). The adapters are
+        injected **in place** (``peft.inject_adapter_in_model``): ``model`` keeps its class and forward,
+        every non-LoRA parameter is frozen (unfreeze a new head yourself before
+        ``handle.optimizer``), and ``handle.model`` is ``model``, the object to train. The preserved
+        layers are then the LoRA layers among ``targets``; with ``method="folora"`` their ``lora_A``
+        start in the pencil's top eigenvectors and are gated, ``lora_B`` trains on plain Adam or, with
+        ``lora_b="pencil"``, gated in its r-dim pencil (``lora_init``, ``lora_b``, ``lora_b_tau``,
+        ``lora_refresh_every``; ``docs/folora.md`` §3).
     **options
         Other :class:`~rqcore_torch.PreserveConfig` fields (``energy``, ``gate_options``,
         ``tau_fraction``, ``task_token_fraction``, ``task_warmup``, ``task_window``,
@@ -75,8 +171,9 @@ def preserve(
     Raises
     ------
     ValueError
-        On a bad configuration (before any forward pass), no matching layer, or the calibration
-        errors of :func:`~rqcore_torch.calibrate`. No hook stays attached after an error.
+        On a bad configuration or ``lora`` dict (before any forward pass; unknown ``lora`` keys are
+        named), no matching layer, or the calibration errors of :func:`~rqcore_torch.calibrate`. No
+        hook stays attached after an error.
 
     Notes
     -----
@@ -110,7 +207,11 @@ def preserve(
             seed=seed,
             **options,
         )
+    lora_spec = None if lora is None else _check_lora(lora)
     resolved = resolve_targets(model, targets)
+    if lora_spec is not None:
+        chosen = set(_inject_lora(model, lora_spec, resolved))
+        resolved = resolve_targets(model, lambda name, _module: name in chosen)
     if isinstance(calib_loader, CalibrationStatistics):
         stats = calib_loader
     else:

@@ -5,8 +5,10 @@ A *target* is a layer whose input statistics are collected and whose trainable p
 * ``torch.nn.Linear``: rows of ``[W | b]`` (the input is augmented with a constant 1 when ``b`` exists);
 * Hugging Face ``Conv1D`` (GPT-2): the same with the transposed weight (``(d_in, d_out)``);
 * PEFT ``lora.Linear``: the input of its ``base_layer`` is hooked; the gated parameters are the
-  ``lora_A`` factors (their rows live in the input space), one per adapter. ``lora_B`` is not gated (its
-  rows live in the rank-``r`` space, not the input space) and the base weight is frozen by PEFT.
+  ``lora_A`` factors (their rows live in the input space), one per adapter. ``lora_B``'s rows live in
+  the rank-``r`` space, not the input space: it is not a target parameter, but ``method="folora"`` gates
+  it in the r-dimensional pencil ``(L_A C_t L_Aᵀ, L_A C_p L_Aᵀ)`` (the handle builds it); the base
+  weight is frozen by PEFT.
 """
 
 from __future__ import annotations

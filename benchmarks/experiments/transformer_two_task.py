@@ -2,9 +2,11 @@
 
 A tiny BERT encoder (``transformers.BertConfig``: hidden 64, 2 layers, 2 heads, intermediate 128) is
 pretrained on task P, then finetuned on task T with the same step budget by each method: plain AdamW,
-LoRA (PEFT, attention + FFN linears), null-space (``preserve(method="nullspace", energy=e)``) and FoLoRA
-(``preserve(method="folora")``, defaults). Each method's learning rate is chosen from the same grid on
-validation splits; the table reports test accuracies (``docs/folora.md`` §9).
+LoRA (PEFT, attention + FFN linears), null-space (``preserve(method="nullspace", energy=e)``), FoLoRA
+(``preserve(method="folora")``, defaults) and FoLoRA on the same LoRA adapters
+(``preserve(method="folora", lora=dict(...))``; ``--lora`` compares its choices). Each method's learning
+rate is chosen from the same grid on validation splits; the table reports test accuracies
+(``docs/folora.md`` §3, §9).
 
 Tasks (synthetic token sequences, vocabulary 64, length 24, mean-pooled encoder output, one linear head
 per task; the P head is kept from pretraining and not trained during finetuning):
@@ -21,7 +23,8 @@ about those). Calibration data for ``preserve`` = P-task inputs (the pretraining
 Balance = mean of (P acc after / P acc before) and (T acc / plain AdamW's T acc); a run whose mean T acc
 does not get halfway from the pretrained model's T acc to AdamW's is invalid.
 
-Run ``python benchmarks/experiments/transformer_two_task.py`` (``--quick`` for a smoke run).
+Run ``python benchmarks/experiments/transformer_two_task.py`` (``--quick`` for a smoke run, ``--lora`` for
+the LoRA choices).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ __all__ = [
     "ExpConfig",
     "Task",
     "evaluate",
+    "lora_methods",
     "main",
     "quick_config",
     "test_config",
@@ -90,13 +94,10 @@ def test_config() -> ExpConfig:
 
 
 def test_methods() -> list[Method]:
-    """Methods of the reduced run at the full run's selected lrs (AdamW: two, for its T reference).
-
-    LoRA (the weakest baseline of the full run, margin +0.06) is left out to keep the test under a
-    minute.
-    """
+    """Methods of the reduced run at the full run's selected lrs (AdamW: two, for its T reference)."""
     return [
         Method("AdamW", "adamw", lrs=(1e-3, 3e-3)),
+        Method("LoRA r=8", "lora", lrs=(1e-3,)),
         Method("null-space e=0.9", "nullspace", (("energy", 0.9),), lrs=(6e-3,)),
         Method("FoLoRA (defaults)", "folora", lrs=(6e-3,)),
     ]
@@ -224,7 +225,7 @@ def pretrain(cfg: ExpConfig, seed: int) -> Pretrained:
 # -------------------------------------------------------------------------------------- methods
 @dataclass(frozen=True)
 class Method:
-    """A finetuning method: ``kind`` in adamw/lora/nullspace/folora, with its options."""
+    """A finetuning method: ``kind`` in adamw/lora/nullspace/folora/folora_lora, with its options."""
 
     label: str
     kind: str
@@ -251,7 +252,29 @@ def finetune(pre: Pretrained, method: Method, lr: float, cfg: ExpConfig) -> dict
         p.requires_grad_(False)
     opts = dict(method.options)
     handle = None
-    if method.kind == "lora":
+    if method.kind == "folora_lora":
+        # preserve() adds the same PEFT adapters itself (lora=...), starts lora_A in the pencil's top
+        # eigenvectors and gates lora_A (d-pencil) and lora_B (r-pencil); options: lora_init, lora_b.
+        model.task = "p"
+        task_loader = None
+        if opts.pop("task_loader", False):  # a C_t pre-pass on T inputs (no warm-up refresh)
+            xt, _ = pre.task.sample_t(cfg.n_calib, np.random.default_rng(pre.seed + 3000))
+            task_loader = [{"input_ids": xt[i : i + 64]} for i in range(0, len(xt), 64)]
+        handle = preserve(
+            model,
+            pre.calib,
+            targets=ENCODER_TARGETS,
+            method="folora",
+            task_loader=task_loader,
+            lora=dict(r=cfg.lora_r, alpha=2 * cfg.lora_r, target_modules=LORA_MODULES),
+            progress=False,
+            seed=pre.seed,
+            **opts,
+        )
+        for head in (model.head_p, model.head_t):  # as for LoRA: the heads are trained fully
+            head.requires_grad_(True)
+        opt = handle.optimizer(torch.optim.AdamW, lr=lr, weight_decay=0.0)
+    elif method.kind == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=LORA_MODULES)
@@ -409,8 +432,36 @@ def table(
 
 
 def default_methods(cfg: ExpConfig) -> list[Method]:
-    """Baselines, then FoLoRA with its defaults."""
-    return [*baselines(cfg), Method("FoLoRA (defaults)", "folora")]
+    """Baselines, then FoLoRA with its defaults and FoLoRA on LoRA adapters (``preserve(lora=...)``)."""
+    return [
+        *baselines(cfg),
+        Method("FoLoRA (defaults)", "folora"),
+        Method(f"FoLoRA-LoRA r={cfg.lora_r} (defaults)", "folora_lora"),
+    ]
+
+
+def lora_methods(cfg: ExpConfig) -> list[Method]:
+    """The LoRA choices of ``preserve(lora=...)``, one changed at a time (``--lora``).
+
+    Defaults: ``lora_init="basis"``, ``lora_b="adam"`` (``lora_A`` gated in the layer's pencil).
+    """
+    r = cfg.lora_r
+    fl = "folora_lora"
+    pencil = ("lora_b", "pencil")
+    keep = ("lora_init", "keep")
+    return [
+        Method("AdamW", "adamw"),
+        Method(f"LoRA r={r}", "lora"),
+        Method("FoLoRA (defaults)", "folora"),
+        Method(f"FoLoRA-LoRA r={r} (defaults: basis init, L_B plain Adam)", fl),
+        Method("  basis init, L_B r-pencil (r-value τ)", fl, (pencil,)),
+        Method("  basis init, L_B r-pencil (layer τ)", fl, (pencil, ("lora_b_tau", "layer"))),
+        Method("  PEFT init, L_B plain Adam (L_A gated only)", fl, (keep,)),
+        Method("  PEFT init, L_B r-pencil (r-value τ)", fl, (keep, pencil)),
+        Method("  PEFT init, L_B r-pencil (layer τ)", fl, (keep, pencil, ("lora_b_tau", "layer"))),
+        Method("  task_loader, basis init, L_B r-pencil", fl, (("task_loader", True), pencil)),
+        Method("  task_loader, PEFT init, L_B r-pencil", fl, (("task_loader", True), keep, pencil)),
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -419,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="smaller budget (smoke run)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--lora", action="store_true", help="the LoRA choices of preserve(lora=...)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     logging.getLogger("rqcore_torch").setLevel(logging.ERROR)
@@ -426,9 +478,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = quick_config() if args.quick else ExpConfig()
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
-    results, info = evaluate(
-        default_methods(cfg), cfg, seeds, log=(lambda s: None) if args.quiet else print
-    )
+    methods = lora_methods(cfg) if args.lora else default_methods(cfg)
+    results, info = evaluate(methods, cfg, seeds, log=(lambda s: None) if args.quiet else print)
     print(table(results, info, cfg, seeds))
     print(f"\n({time.perf_counter() - t0:.0f} s)")
 
