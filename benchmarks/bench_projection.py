@@ -1,4 +1,4 @@
-"""asv benchmarks of rqcore.projection: ``RayleighBasis.gate``/``coordinates`` and the null-space baseline.
+"""asv benchmarks of rqcore.projection and rqcore.gates: ``gate``, ``coordinates``, null space, gains.
 
 ``setup`` builds the data and runs each method once, so numba compilation and the per-dtype casts of
 the basis are not timed. BLAS runs on one thread for stable numbers.
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from rqcore import NullspaceProjector, RayleighBasis
+from rqcore import NullspaceProjector, RayleighBasis, gates
 
 _SHAPES = [(1024, 1024, 32), (4096, 4096, 64)]  # (n, d, k)
 _DTYPES = ["float32", "float64"]
@@ -82,3 +82,28 @@ class TimeNullspaceApply(_Base):
 
     def time_apply_out(self, shape: tuple[int, int, int], dtype: str) -> None:
         self.projector.apply(self.G, out=self.out)
+
+
+class TimeGains:
+    """Gain functions and the choice of τ on a power-law spectrum (what a refresh computes per layer)."""
+
+    params = ([1024, 4096],)
+    param_names = ("d",)
+
+    def setup(self, d: int) -> None:
+        rng = np.random.default_rng(2)
+        self.values = np.sort(np.arange(1, d + 1) ** -1.0 * rng.uniform(0.5, 2.0, d))[::-1]
+        self.coords = rng.standard_normal(d)
+        self.tau = float(np.median(self.values))
+
+    def time_ratio(self, d: int) -> None:
+        gates.ratio(self.values, tau=self.tau)
+
+    def time_sigmoid(self, d: int) -> None:
+        gates.sigmoid(self.values, tau=self.tau, temperature=0.5)
+
+    def time_tau_for_utility_fraction(self, d: int) -> None:
+        gates.tau_for_utility_fraction(self.values, 0.3)
+
+    def time_tau_for_penalty_budget(self, d: int) -> None:
+        gates.tau_for_penalty_budget(self.values, self.coords, 0.25)

@@ -1,4 +1,4 @@
-"""asv benchmarks of the torch bridge: a calibration pass and a handle refresh (tiny BERT, 1 thread)."""
+"""asv benchmarks of the torch bridge: calibration pass, handle refresh, gated steps (tiny BERT, 1 thread)."""
 
 from __future__ import annotations
 
@@ -54,3 +54,35 @@ class TimeRefresh:
 
     def time_refresh(self) -> None:
         self.handle.refresh()
+
+
+class TimeGatedStep:
+    """One optimizer step (gradients computed once in ``setup``): plain AdamW, AdamW wrapped by
+    ``GatedOptimizer`` with Rayleigh (``method="gate"``) or null-space gates, and ``FoLoRAAdam``."""
+
+    params = (["adamw", "gate", "nullspace", "folora"],)
+    param_names = ("optimizer",)
+
+    def setup(self, optimizer: str) -> None:
+        from rqcore_torch import preserve
+
+        torch.set_num_threads(1)
+        self.model, batch = _model_and_batch()
+        self.handle = None
+        if optimizer == "adamw":
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        else:
+            # task_warmup=None: no basis refresh inside the timed steps.
+            self.handle = preserve(
+                self.model, [batch], method=optimizer, progress=False, task_warmup=None
+            )
+            self.opt = self.handle.optimizer(torch.optim.AdamW, lr=1e-5)
+        self.model(**batch).last_hidden_state.pow(2).mean().backward()
+        self.opt.step()  # lazy optimizer state, gate buffers
+
+    def teardown(self, optimizer: str) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+    def time_step(self, optimizer: str) -> None:
+        self.opt.step()
