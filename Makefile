@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 PIN    := -c constraints.txt
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test lint typecheck pytest bench compare docs clean
+.PHONY: demo demo-full demo-core test lint typecheck pytest bench bench-compare compare docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,18 @@ $(VENV)/.docs-installed: $(PY) pyproject.toml constraints.txt
 	$(PIP) install $(PIN) -e '.[docs]'
 	@touch $@
 
-## demo: the main job on its built-in default
+## demo: the main job on its built-in default — finetune all-MiniLM-L6-v2 with AdamW, LoRA,
+## null-space and FoLoRA on stdlib docstrings, and measure what each forgets (a few minutes on 2 cores)
 demo: $(VENV)/.demo-installed
+	$(PY) -m rqcore_torch.demo
+
+## demo-full: the documented run (3 seeds, lr chosen on a validation split); its table, JSON and
+## PNGs go to docs/demo/, which docs/demo.md shows
+demo-full: $(VENV)/.demo-installed
+	$(PY) -m rqcore_torch.demo --full --out docs/demo
+
+## demo-core: the core alone on synthetic activations (no torch)
+demo-core: $(VENV)/.demo-installed
 	$(PY) -m rqcore.demo
 
 ## test: lint, type-check, the docs build (warnings are errors) and the whole test suite
@@ -48,6 +58,11 @@ bench: $(VENV)/.bench-installed
 	$(VENV)/bin/asv machine --yes
 	$(VENV)/bin/asv run --python=same --quick --show-stderr
 
+## bench-compare: the side-by-side peer comparisons; writes their tables and plots into docs/benchmarks.md
+## (full sizes, tens of minutes on 2 cores; BENCH_ARGS=--quick for the smoke mode)
+bench-compare: $(VENV)/.bench-installed
+	$(PY) benchmarks/make_docs_benchmarks.py $(BENCH_ARGS)
+
 ## compare: side-by-side comparison scripts (rqcore vs its peers, interleaved, ratios)
 compare: $(VENV)/.bench-installed
 	$(PY) benchmarks/compare_covariance.py
@@ -58,4 +73,4 @@ docs: $(VENV)/.docs-installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .asv site .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .asv site .mypy_cache .ruff_cache .pytest_cache demo-output
