@@ -42,7 +42,7 @@ __all__ = ["DemoConfig", "MethodResult", "main", "run"]
 
 METHODS = ("head", "adamw", "lora", "nullspace", "folora")
 #: Learning rates of the quick demo, chosen by ``make demo-full`` (docs/demo.md).
-DEFAULT_LR = {"head": 0.0, "adamw": 1e-4, "lora": 1e-3, "nullspace": 5e-4, "folora": 1e-3}
+DEFAULT_LR = {"head": 0.0, "adamw": 1e-4, "lora": 1e-3, "nullspace": 1e-3, "folora": 1e-3}
 #: Grid each method's encoder lr is chosen from in the full run (validation split).
 LR_GRID = {
     "adamw": (3e-5, 5e-5, 1e-4),
@@ -66,6 +66,7 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0,)
     lr: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
     select_lr: bool = False
+    select_tolerance: float = 0.01
     head_lr: float = 2e-3
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -490,6 +491,13 @@ def summarize(results: Sequence[MethodResult]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _sci(value: tuple[float, float]) -> str:
+    mean, half = value
+    if mean == 0:
+        return "0"
+    return f"{mean:.1e}" if math.isnan(half) else f"{mean:.1e} ± {half:.0e}"
+
+
 def format_table(summary: dict[str, dict[str, Any]], pretrained: tuple[float, float]) -> str:
     """A markdown table; ``±`` is the 95 % interval half-width over seeds (when > 1 seed)."""
 
@@ -509,22 +517,32 @@ def format_table(summary: dict[str, dict[str, Any]], pretrained: tuple[float, fl
         delta = (e["mrr"][0] - pretrained[1], e["mrr"][1])
         lines.append(
             f"| {method} | {lr} | {cell(e['accuracy'])} | {cell(e['recall_at_1'])} | "
-            f"{cell(e['mrr'])} | {cell(delta)} | {cell(e['forgetting'], 1.0, 4)} | "
+            f"{cell(e['mrr'])} | {cell(delta)} | {_sci(e['forgetting'])} | "
             f"{e['seconds'][0]:.0f} |"
         )
     return "\n".join(lines)
 
 
 def plot_tradeoff(
-    summary: dict[str, dict[str, Any]], pretrained: tuple[float, float], path: Path
+    summary: dict[str, dict[str, Any]],
+    pretrained: tuple[float, float],
+    path: Path,
+    selection: dict[str, list[dict[str, float]]] | None = None,
 ) -> None:
-    """Target accuracy against retrieval MRR, one point per method (error bars over seeds)."""
+    """Target accuracy against retrieval MRR per method (test split, error bars over seeds).
+
+    With ``selection`` (the learning-rate trials on the validation split), a second panel draws each
+    method's trade-off curve over its lr grid: a method is better when its curve lies up and right.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    panels = 2 if selection else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    ax = axes[0, 0]
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     for method, e in summary.items():
         (x, dx), (y, dy) = e["mrr"], e["accuracy"]
         ax.errorbar(
@@ -534,13 +552,29 @@ def plot_tradeoff(
             yerr=None if math.isnan(dy) else 100 * dy,
             fmt="o",
             capsize=3,
+            color=colors.get(method),
             label=method,
         )
     ax.axvline(100 * pretrained[1], color="grey", ls="--", lw=1, label="pretrained MRR")
     ax.set_xlabel("preserved: retrieval MRR % (higher = less forgetting)")
     ax.set_ylabel("target task accuracy %")
-    ax.set_title("all-MiniLM-L6-v2: target vs preservation")
+    ax.set_title("test split, chosen lr (mean ± 95 % CI over seeds)")
     ax.legend(fontsize=8)
+    if selection:
+        ax2 = axes[0, 1]
+        for method, trials in selection.items():
+            xs = [100 * t["mrr"] for t in trials]
+            ys = [100 * t["accuracy"] for t in trials]
+            ax2.plot(xs, ys, "o-", color=colors.get(method), label=method)
+            for t, x, y in zip(trials, xs, ys, strict=True):
+                ax2.annotate(
+                    f"{t['lr']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                )
+        ax2.set_xlabel("validation retrieval MRR %")
+        ax2.set_ylabel("validation target accuracy %")
+        ax2.set_title("validation split, every lr of the grid (seed 0)")
+        ax2.legend(fontsize=8)
+    fig.suptitle("all-MiniLM-L6-v2: target task vs preserved retrieval")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -574,6 +608,8 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     lrs = dict(cfg.lr)
     selection: dict[str, list[dict[str, float]]] = {}
     if cfg.select_lr:
+        pre_val = pretrained_row(prep, "val")
+        log(f"  pretrained (validation): R@1 {pre_val[0]:.3f}, MRR {pre_val[1]:.3f}")
         for method in cfg.methods:
             if method == "head":
                 continue
@@ -582,7 +618,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
                 r = run_method(method, prep, cfg, model_path, statistics, cfg.seeds[0], lr, "val")
                 trials.append({"lr": lr, "accuracy": r.accuracy, "mrr": r.mrr})
                 log(f"  select {method} lr={lr:g}: val acc {r.accuracy:.3f}, MRR {r.mrr:.3f}")
-            lrs[method] = _select(trials)
+            lrs[method] = _select(trials, cfg.select_tolerance)
             selection[method] = trials
         log("chosen lrs: " + ", ".join(f"{m}={lrs[m]:g}" for m in cfg.methods if m != "head"))
 
@@ -610,13 +646,18 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     table = format_table(summary, pre)
     log("")
     log(table)
-    plot_tradeoff(summary, pre, out / "tradeoff.png")
+    plot_tradeoff(summary, pre, out / "tradeoff.png", selection)
     report = {
         "config": asdict(cfg),
         "model": model_path,
         "python": sys.version.split()[0],
         "data": prep.data.summary(),
         "pretrained": {"recall_at_1": pre[0], "mrr": pre[1]},
+        "pretrained_val": (
+            dict(zip(("recall_at_1", "mrr"), pretrained_row(prep, "val"), strict=True))
+            if cfg.select_lr
+            else None
+        ),
         "lr_selection": selection,
         "results": [asdict(r) for r in results],
         "summary": summary,
@@ -683,6 +724,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="choose each method's lr from a fixed grid on the validation split",
     )
+    p.add_argument(
+        "--select-tolerance",
+        type=float,
+        default=0.01,
+        help="lr selection: among lrs within this accuracy of the best, take the best MRR",
+    )
     p.add_argument("--head-lr", type=float, default=2e-3)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (alpha = 2r)")
     p.add_argument(
@@ -723,6 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds=tuple(int(s) for s in a.seeds.split(",")),
         lr=_parse_lr(a.lr),
         select_lr=a.select_lr,
+        select_tolerance=a.select_tolerance,
         head_lr=a.head_lr,
         lora_rank=a.rank,
         lora_alpha=2 * a.rank,

@@ -163,3 +163,20 @@ def test_packaged_minilm_loads_offline_and_retrieves_well() -> None:
     r1, mrr = demo.retrieval_scores(demo.embed(model, queries), demo.embed(model, bodies))
     # all-MiniLM-L6-v2 is a strong zero-shot retriever: the preserved capability is real.
     assert r1 > 0.5 and mrr > 0.6
+
+
+def test_lr_selection_on_the_validation_split(tmp_path: Path) -> None:
+    model = _tiny_encoder_folder(tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["--model", str(model), "--steps", "3", "--batch-size", "8", "--max-length", "24"]
+    args += ["--max-per-family", "15", "--retrieval-pairs", "15", "--methods", "head,adamw,folora"]
+    args += ["--select-lr", "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert demo.main(args) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["lr_selection"]) == {"adamw", "folora"}
+    for method, trials in report["lr_selection"].items():
+        assert [t["lr"] for t in trials] == list(demo.LR_GRID[method])
+        chosen = {r["lr"] for r in report["results"] if r["method"] == method}
+        assert chosen == {demo._select(trials)}
+    assert report["pretrained_val"]["mrr"] > 0
+    assert (out / "tradeoff.png").stat().st_size > 0
