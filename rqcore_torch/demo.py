@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -385,7 +386,9 @@ def _build_optimizer(
             lora_dropout=0.0,
         )
         torch.manual_seed(seed)
-        model = get_peft_model(encoder, config)
+        with warnings.catch_warnings():  # transformers' own deprecation notice, not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(encoder, config)
         params = [p for p in model.parameters() if p.requires_grad]
         return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0), None
     task_batches = [prep.train.batch(i) for i in _batch_order(len(prep.train), cfg, seed)[:8]]
@@ -458,7 +461,9 @@ def run_method(
     if handle is not None:
         handle.remove()
     if method == "lora":
-        encoder = model.merge_and_unload()  # type: ignore[operator]
+        with warnings.catch_warnings():  # transformers' own deprecation notice, not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            encoder = model.merge_and_unload()  # type: ignore[operator]
     model.eval()
     acc, r1, mrr = _evaluate(encoder, head, prep, split)
     meter = forgetting_meter(encoder, statistics, w0)

@@ -2,10 +2,13 @@
 
 ``make demo-full`` picks each method's lr on the validation split by "best accuracy; among lrs within
 1 point of it, the best retrieval MRR". This script re-applies the rule with another tolerance to the
-*same* validation trials (read from ``docs/demo/results.json``), reruns the 3 test seeds of every method
-whose choice changes (reusing the others' rows), and writes ``docs/demo/tolerance<P>.md``/``.json``.
+*same* validation trials (read from ``docs/demo/results.json``), runs the test seeds of every method
+whose choice changes (reusing the rows whose lr and seed the full run already has), and writes
+``docs/demo/tolerance<P>[-seeds<N>].md``/``.json``. ``--seeds``/``--methods`` add seeds to a subset.
 
     python benchmarks/experiments/demo_selection_sensitivity.py --tolerance 0.02
+    python benchmarks/experiments/demo_selection_sensitivity.py --tolerance 0.01 \
+        --seeds 0,1,2,3,4,5 --methods adamw,lora,folora
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default="docs/demo/results.json")
     p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--seeds", default=None, help="comma list (default: the full run's)")
+    p.add_argument("--methods", default=None, help="comma list (default: the full run's)")
     a = p.parse_args()
     report = json.loads(Path(a.results).read_text())
     cfg = demo.DemoConfig(
@@ -34,20 +39,26 @@ def main() -> None:
     cfg.seeds = tuple(cfg.seeds)
     cfg.methods = tuple(cfg.methods)
     cfg.progress = False
-    chosen = {m: demo._select(t, a.tolerance) for m, t in report["lr_selection"].items()}
+    seeds = cfg.seeds if a.seeds is None else tuple(int(x) for x in a.seeds.split(","))
+    methods = cfg.methods if a.methods is None else tuple(a.methods.split(","))
+    chosen = {
+        m: demo._select(t, a.tolerance) for m, t in report["lr_selection"].items() if m in methods
+    }
     print("lrs with tolerance", a.tolerance, chosen)
     model_path = report["model"]
     encoder, tokenizer = demo.load_encoder(model_path)
     prep = demo.prepare(cfg, model_path, encoder, tokenizer)
     stats = calibrate(encoder, prep.calibration, progress=False, seed=cfg.seeds[0])
     rows = []
+    have = set()
     for r in report["results"]:
         m = r["method"]
-        if m == "head" or chosen[m] == r["lr"]:
+        if m in methods and r["seed"] in seeds and (m == "head" or chosen[m] == r["lr"]):
             rows.append(demo.MethodResult(**r))
-    for seed in cfg.seeds:
+            have.add((m, r["seed"]))
+    for seed in seeds:
         for m, lr in chosen.items():
-            if lr != next(r["lr"] for r in report["results"] if r["method"] == m):
+            if (m, seed) not in have:
                 res = demo.run_method(m, prep, cfg, model_path, stats, seed, lr)
                 print(f"{m} seed {seed} lr {lr:g}: acc {res.accuracy:.3f} MRR {res.mrr:.3f}")
                 rows.append(res)
@@ -58,9 +69,20 @@ def main() -> None:
     table = demo.format_table(summary, pre)
     print(table)
     stem = Path(a.results).parent / f"tolerance{round(100 * a.tolerance)}"
+    if seeds != cfg.seeds:
+        stem = stem.with_name(f"{stem.name}-seeds{len(seeds)}")
     stem.with_suffix(".md").write_text(table + "\n")
     stem.with_suffix(".json").write_text(
-        json.dumps({"tolerance": a.tolerance, "lrs": chosen, "summary": summary}, indent=2)
+        json.dumps(
+            {
+                "tolerance": a.tolerance,
+                "lrs": chosen,
+                "seeds": list(seeds),
+                "results": [vars(r) for r in rows],
+                "summary": summary,
+            },
+            indent=2,
+        )
     )
 
 
