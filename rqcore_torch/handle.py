@@ -223,7 +223,8 @@ class PreservationHandle:
         d = Cp.shape[0]
         k = min(cfg.rank or d, d)
         Ct = self._task_covariance(group, Cp)
-        self._task_cov[group] = Ct
+        if cfg.lora_b == "pencil" and any(t.kind == "lora" for t in self.targets):
+            self._task_cov[group] = Ct  # lora_B pencils re-solve with it (one d×d per group)
         rule = _gain_rule(cfg)
         if Cp.device.type == "cuda":
             # Dense solve on the device; the core basis is built from host copies.
