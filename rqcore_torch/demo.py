@@ -12,8 +12,10 @@ own standard library (:mod:`rqcore_torch._demo_data`):
 - **calibration** (the pretraining proxy): docstring paragraphs of a third disjoint set of modules.
 
 Methods, with the same data, steps, batch and seed: ``head`` (encoder frozen), ``adamw``, ``lora``
-(PEFT), ``nullspace`` (``preserve(method="nullspace")``, Adam-NSCL) and ``folora``
-(``preserve()`` defaults). The head is trained with its own AdamW (lr ``--head-lr``) in every method.
+(PEFT), ``nullspace`` (``preserve(method="nullspace", energy=0.9)``, Adam-NSCL) and ``folora``
+(``preserve()`` with ``tau_fraction=0.1``, the stronger gate this task needs). Embeddings and LayerNorms
+are frozen for every method (all act on the linear layers), weight decay is 0, and the head is trained
+with its own AdamW (lr ``--head-lr``) in every method.
 The output is a table (target accuracy, retrieval R@1/MRR, change vs pretrained, forgetting meter,
 wall time), ``results.json``, a trade-off plot and FoLoRA's per-layer spectra (PNG).
 """
@@ -255,11 +257,16 @@ def _pretrained_embeddings(
     """Embeddings of the pretrained encoder for every eval text (cached on disk between runs)."""
     cache_root = Path(cfg.cache_dir or Path.home() / ".cache" / "rqcore-demo")
     path = cache_root / f"pretrained-{_cache_key(cfg, model_path)}.pt"
+    needed = {"train"} | {
+        f"{kind}_{split}" for split in prep.target_eval for kind in ("target", "query", "body")
+    }
     if path.is_file():
         try:
-            return dict(torch.load(path, weights_only=True))
+            cached = dict(torch.load(path, weights_only=True))
         except Exception:  # a corrupt or foreign cache file: recompute
-            pass
+            cached = {}
+        if needed <= set(cached):  # a run without --select-lr cached no validation split
+            return cached
     out: dict[str, Any] = {"train": embed(model, prep.train)}
     for split, (tok, _) in prep.target_eval.items():
         out[f"target_{split}"] = embed(model, tok)

@@ -170,8 +170,9 @@ def test_lr_selection_on_the_validation_split(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["--model", str(model), "--steps", "3", "--batch-size", "8", "--max-length", "24"]
     args += ["--max-per-family", "15", "--retrieval-pairs", "15", "--methods", "head,adamw,folora"]
-    args += ["--select-lr", "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
-    assert demo.main(args) == 0
+    args += ["--out", str(out), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert demo.main(args) == 0  # caches the test split only
+    assert demo.main([*args, "--select-lr"]) == 0  # needs the validation split too: recomputed
     report = json.loads((out / "results.json").read_text())
     assert set(report["lr_selection"]) == {"adamw", "folora"}
     for method, trials in report["lr_selection"].items():
