@@ -36,7 +36,7 @@ $(VENV)/.docs-installed: $(PY) pyproject.toml constraints.txt
 demo: $(VENV)/.demo-installed
 	$(PY) -m rqcore_torch.demo
 
-## demo-full: the documented run (3 seeds, lr chosen on a validation split); its table, JSON and
+## demo-full: the documented run (6 seeds, lr chosen on a validation split); its table, JSON and
 ## PNGs go to docs/demo/, which docs/demo.md shows
 demo-full: $(VENV)/.demo-installed
 	$(PY) -m rqcore_torch.demo --full --out docs/demo

@@ -769,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--full",
         action="store_true",
-        help="the documented run: 3 seeds, 40 steps, lr selection on validation, all data",
+        help="the documented run: 6 seeds, 40 steps, lr selection on validation, all data",
     )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -797,7 +797,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not a.no_progress,
     )
     if a.full:
-        cfg.steps, cfg.seeds, cfg.select_lr = max(cfg.steps, 40), (0, 1, 2), True
+        cfg.steps, cfg.seeds, cfg.select_lr = max(cfg.steps, 40), (0, 1, 2, 3, 4, 5), True
         cfg.max_per_family, cfg.retrieval_pairs = None, None
     run(cfg)
     return 0
