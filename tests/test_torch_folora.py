@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -348,14 +347,12 @@ def test_toy_experiment_folora_beats_every_baseline_on_balance() -> None:
     from benchmarks.experiments import toy_two_task as toy
 
     cfg = toy.test_config()
-    t0 = time.perf_counter()
     res, _ = toy.evaluate([*toy.baselines(), toy.FOLORA_DEFAULT], cfg, [0, 1, 2])
     ours = res[toy.FOLORA_DEFAULT.label]
     assert ours.valid
     for label, r in res.items():
         if label != ours.label:
             assert ours.balance.mean() > r.balance.mean() + 0.01, (label, r.balance, ours.balance)
-    assert time.perf_counter() - t0 < 120  # generous for a loaded machine; ~30 s alone
 
 
 def test_gate_on_step_matches_core_gate_of_the_adam_step() -> None:

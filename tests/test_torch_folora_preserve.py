@@ -171,14 +171,12 @@ def test_transformer_experiment_folora_beats_baselines_on_balance():
     seed, so only the mean is asserted against it; AdamW and LoRA are beaten by > 0.02 on every seed.
     """
     import sys
-    import time
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.experiments import transformer_two_task as exp
 
     torch.set_num_threads(1)
-    t0 = time.perf_counter()
     res, _ = exp.evaluate(exp.test_methods(), exp.test_config(), [0, 1, 2])
     ours = res["FoLoRA (defaults)"]
     assert ours.valid
@@ -187,4 +185,3 @@ def test_transformer_experiment_folora_beats_baselines_on_balance():
     assert (ours.balance - lora.balance).min() > 0.02, (lora.balance, ours.balance)
     assert ours.balance.mean() > nullspace.balance.mean(), (nullspace.balance, ours.balance)
     assert ours.p_ratio.mean() > 0.98  # P kept
-    assert time.perf_counter() - t0 < 180  # generous for a loaded machine
