@@ -204,15 +204,15 @@ def forgetting_meter(model: nn.Module, statistics: Any, w0: dict[str, torch.Tens
     The same number :meth:`rqcore_torch.PreservationHandle.penalty` reports, computed here for every
     method from one set of statistics (LoRA models are merged first).
     """
+    from rqcore_torch.handle import penalty_terms
+
     num = den = 0.0
     for name, W0 in w0.items():
-        C = statistics.covariance(name).double()
-        W = _rows(model.get_submodule(name))
-        if W.shape[1] != C.shape[0]:
-            W, W0 = W[:, : C.shape[0]], W0[:, : C.shape[0]]
-        D = W - W0
-        num += float(((D @ C) * D).sum())
-        den += float(((W0 @ C) * W0).sum())
+        n, d = penalty_terms(
+            _rows(model.get_submodule(name)), W0, statistics.covariance(name).double()
+        )
+        num += n
+        den += d
     return num / den if den > 0 else 0.0
 
 

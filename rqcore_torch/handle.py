@@ -114,6 +114,17 @@ def _gain_rule(config: PreserveConfig) -> Callable[[np.ndarray], Any]:
     return lambda lam: fn(lam, **opts)
 
 
+def penalty_terms(W: torch.Tensor, W0: torch.Tensor, C: torch.Tensor) -> tuple[float, float]:
+    """``(tr((W−W₀) C (W−W₀)ᵀ), tr(W₀ C W₀ᵀ))`` for rows ``[W | b]`` and input second moments ``C``.
+
+    Columns beyond ``C``'s size are dropped (a LoRA layer's effective weight sees the plain input).
+    """
+    if W.shape[1] != C.shape[0]:
+        W, W0 = W[:, : C.shape[0]], W0[:, : C.shape[0]]
+    D = W - W0
+    return float(((D @ C) * D).sum()), float(((W0 @ C) * W0).sum())
+
+
 class PreservationHandle:
     """Preservation state of one model: statistics, bases and gates, meters; see :func:`preserve`.
 
@@ -814,11 +825,7 @@ class PreservationHandle:
                 C = self.statistics.covariance(t.name)
                 W = t.effective_weight().to(device=C.device, dtype=torch.float64)
                 W0 = self._w0[t.name].to(device=C.device, dtype=torch.float64)
-                if W.shape[1] != C.shape[0]:  # LoRA: the gated factors see the plain input
-                    W, W0 = W[:, : C.shape[0]], W0[:, : C.shape[0]]
-                D = W - W0
-                num = float(((D @ C) * D).sum())
-                den = float(((W0 @ C) * W0).sum())
+                num, den = penalty_terms(W, W0, C)
                 per[t.name] = num / den if den > 0 else (0.0 if num == 0 else math.inf)
                 num_total += num
                 den_total += den

@@ -6,18 +6,30 @@ import torch
 import transformers
 
 
-def tiny_bert_classifier(seed: int = 0, *, dropout: float = 0.1) -> transformers.PreTrainedModel:
-    """BertForSequenceClassification from a config (hidden 32, 1 layer, vocabulary 100): no download."""
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
+def _tiny_config(**overrides: object) -> transformers.BertConfig:
+    """Hidden 32, 1 layer, 2 heads, intermediate 64, vocabulary 100."""
+    kwargs: dict[str, object] = dict(
         hidden_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=64,
         vocab_size=100,
-        num_labels=2,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
+    )
+    kwargs.update(overrides)
+    return transformers.BertConfig(**kwargs)
+
+
+def tiny_bert(seed: int = 0) -> transformers.PreTrainedModel:
+    """A BertModel from the tiny config (no download)."""
+    torch.manual_seed(seed)
+    return transformers.BertModel(_tiny_config())
+
+
+def tiny_bert_classifier(seed: int = 0, *, dropout: float = 0.1) -> transformers.PreTrainedModel:
+    """BertForSequenceClassification from the tiny config (2 labels): no download."""
+    torch.manual_seed(seed)
+    cfg = _tiny_config(
+        num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout
     )
     return transformers.BertForSequenceClassification(cfg)
 
@@ -26,6 +38,19 @@ def calibration_batches(n: int = 2, seed: int = 0) -> list[dict[str, torch.Tenso
     """``n`` batches of 4 random 8-token sequences (the pretraining proxy of the tests)."""
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(0, 100, (4, 8), generator=g)} for _ in range(n)]
+
+
+def anisotropic_mlp_setup(
+    seed: int = 0,
+) -> tuple[torch.nn.Module, list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """An MLP 6→16→2, calibration inputs concentrated in a 3-dim subspace (anisotropic ``C_p``) and
+    4 task batches of ``(x, y)``."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    basis = torch.randn(3, 6)
+    calib = [torch.randn(64, 3) @ basis + 0.01 * torch.randn(64, 6) for _ in range(4)]
+    task = [(torch.randn(32, 6), torch.randn(32, 2)) for _ in range(4)]
+    return model, calib, task
 
 
 class TokenLabels(torch.utils.data.Dataset):

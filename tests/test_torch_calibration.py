@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny_bert import tiny_bert
 from torch import nn
 
 from rqcore import RqcoreWarning
 from rqcore_torch import CalibrationStatistics, calibrate
-
-transformers = pytest.importorskip("transformers")
-
-
-def _bert(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-    )
-    return transformers.BertModel(cfg)
 
 
 def _no_hooks(model: nn.Module) -> bool:
@@ -79,7 +66,7 @@ def test_eval_mode_used_and_training_flags_restored():
 
 
 def test_shared_qkv_accumulator_equals_separate():
-    model = _bert()
+    model = tiny_bert()
     ids = torch.randint(0, 100, (2, 9))
     batches = [{"input_ids": ids}]
     shared = calibrate(model, batches, progress=False)
@@ -93,7 +80,7 @@ def test_shared_qkv_accumulator_equals_separate():
 
 
 def test_padding_excluded():
-    model = _bert()
+    model = tiny_bert()
     torch.manual_seed(1)
     a, b = torch.randint(1, 100, (1, 7)), torch.randint(1, 100, (1, 4))
     padded = torch.zeros(2, 7, dtype=torch.long)

@@ -7,18 +7,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from _tiny_bert import anisotropic_mlp_setup
 from torch import nn
 
 from rqcore_torch import FoLoRAAdam, PreserveConfig, preserve
-
-
-def _setup(seed: int = 0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
-    basis = torch.randn(3, 6)
-    calib = [torch.randn(64, 3) @ basis + 0.01 * torch.randn(64, 6) for _ in range(4)]
-    task = [(torch.randn(32, 6), torch.randn(32, 2)) for _ in range(4)]
-    return model, calib, task
 
 
 def _train(model, opt, task, steps, start=0):
@@ -30,7 +22,7 @@ def _train(model, opt, task, steps, start=0):
 
 
 def test_folora_is_the_default_and_builds_folora_adam():
-    model, calib, task = _setup()
+    model, calib, task = anisotropic_mlp_setup()
     model[2].bias.requires_grad_(False)  # weight trainable, bias frozen: plain-Adam part
     handle = preserve(model, calib, progress=False)
     assert handle.config.method == "folora"
@@ -57,7 +49,7 @@ def test_folora_is_the_default_and_builds_folora_adam():
 def test_defaults_per_method_and_bad_optimizer():
     assert PreserveConfig(method="gate").reg == 1e-4
     assert PreserveConfig(method="gate").tau_fraction == 0.9
-    model, calib, _ = _setup()
+    model, calib, _ = anisotropic_mlp_setup()
     handle = preserve(model, calib, progress=False)
     with pytest.raises(TypeError, match="replaces the optimizer"):
         handle.wrap(torch.optim.AdamW(model.parameters()))
@@ -71,7 +63,7 @@ def test_defaults_per_method_and_bad_optimizer():
 
 
 def test_warmup_and_periodic_refresh_call_set_basis(monkeypatch):
-    model, calib, task = _setup()
+    model, calib, task = anisotropic_mlp_setup()
     handle = preserve(model, calib, progress=False, refresh_every=6, task_warmup=2)
     opt = handle.optimizer(torch.optim.AdamW, lr=1e-2)
     calls: list[tuple[int, str]] = []
@@ -97,7 +89,7 @@ def test_warmup_and_periodic_refresh_call_set_basis(monkeypatch):
 
 
 def test_task_loader_skips_warmup():
-    model, calib, task = _setup()
+    model, calib, task = anisotropic_mlp_setup()
     handle = preserve(model, calib, task_loader=[x for x, _ in task], progress=False)
     opt = handle.optimizer(torch.optim.AdamW, lr=1e-2)
     before = opt.state[model[0].weight]["vectors"].clone()
@@ -109,7 +101,7 @@ def test_task_loader_skips_warmup():
 
 def test_state_dict_resume_is_exact_across_a_refresh():
     def run(split: int | None):
-        model, calib, task = _setup()
+        model, calib, task = anisotropic_mlp_setup()
         handle = preserve(model, calib, progress=False, refresh_every=5, task_token_fraction=1.0)
         opt = handle.optimizer(torch.optim.AdamW, lr=1e-2, weight_decay=0.01)
         if split is None:
@@ -118,7 +110,9 @@ def test_state_dict_resume_is_exact_across_a_refresh():
         _train(model, opt, task, split)
         saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
         handle.remove()
-        model2, calib2, _ = _setup()  # a fresh process: same pretrained model, same calibration
+        model2, calib2, _ = (
+            anisotropic_mlp_setup()
+        )  # a fresh process: same pretrained model, same calibration
         handle2 = preserve(model2, calib2, progress=False, refresh_every=5, task_token_fraction=1.0)
         model2.load_state_dict(saved[0])
         opt2 = handle2.optimizer(torch.optim.AdamW, lr=1e-2, weight_decay=0.01)

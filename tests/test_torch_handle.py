@@ -5,20 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _tiny_bert import anisotropic_mlp_setup
 from torch import nn
 
 from rqcore import RayleighBasis
 from rqcore_torch import PreserveConfig, preserve
-
-
-def _setup(seed: int = 0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
-    # Calibration inputs concentrated in a 3-dim subspace (plus small noise): C_p is anisotropic.
-    basis = torch.randn(3, 6)
-    calib = [torch.randn(64, 3) @ basis + 0.01 * torch.randn(64, 6) for _ in range(4)]
-    task = [(torch.randn(32, 6), torch.randn(32, 2)) for _ in range(4)]
-    return model, calib, task
 
 
 def _train(model, opt, task, steps=30):
@@ -37,14 +28,14 @@ def _out_change(model, w0, b0, calib):
 
 
 def test_nullspace_and_plain_adamw():
-    model, calib, task = _setup()
+    model, calib, task = anisotropic_mlp_setup()
     w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
     handle = preserve(model, calib, method="nullspace", energy=0.999, progress=False)
     _train(model, handle.optimizer(torch.optim.AdamW, lr=1e-2), task)
     gated = _out_change(model, w0, b0, calib)
     pen = handle.penalty()
     handle.remove()
-    model2, calib2, _ = _setup()
+    model2, calib2, _ = anisotropic_mlp_setup()
     _train(model2, torch.optim.AdamW(model2.parameters(), lr=1e-2), task)
     plain = _out_change(model2, w0, b0, calib2)
     assert model[0].weight.sub(w0).abs().max() > 1e-3  # it did train
@@ -53,7 +44,7 @@ def test_nullspace_and_plain_adamw():
 
 
 def test_hard_gate_blocks_gated_off_directions_exactly():
-    model, calib, task = _setup()
+    model, calib, task = anisotropic_mlp_setup()
     w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
     handle = preserve(
         model,
@@ -82,7 +73,7 @@ def test_hard_gate_blocks_gated_off_directions_exactly():
 
 
 def test_refresh_warm_started_and_eval_does_not_track():
-    model, calib, task = _setup()
+    model, calib, task = anisotropic_mlp_setup()
     handle = preserve(
         model,
         calib,
@@ -107,7 +98,7 @@ def test_refresh_warm_started_and_eval_does_not_track():
 
 
 def test_report_plot_and_remove(tmp_path):
-    model, calib, task = _setup()
+    model, calib, task = anisotropic_mlp_setup()
     before = {n: dict(m.__dict__) for n, m in model.named_modules()}
     with preserve(model, calib, refresh_every=2, progress=False) as handle:
         _train(model, handle.optimizer(torch.optim.AdamW, lr=1e-3), task, steps=2)
@@ -121,7 +112,7 @@ def test_report_plot_and_remove(tmp_path):
 
 
 def test_method_none_and_folora():
-    model, calib, task = _setup()
+    model, calib, task = anisotropic_mlp_setup()
     handle = preserve(model, calib, method="none", progress=False)
     opt = handle.optimizer(torch.optim.SGD, lr=0.1)
     _train(model, opt, task, steps=2)
@@ -142,7 +133,7 @@ def test_method_none_and_folora():
     ],
 )
 def test_bad_config_raises_before_any_pass(kwargs, match):
-    model, calib, _ = _setup()
+    model, calib, _ = anisotropic_mlp_setup()
     with pytest.raises(ValueError, match=match):
         preserve(model, calib, progress=False, **kwargs)
     assert all(not m._forward_pre_hooks for m in model.modules())
@@ -155,7 +146,7 @@ def test_config_dataclass_validates():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_gate_matches_cpu():
-    model, calib, _ = _setup()
+    model, calib, _ = anisotropic_mlp_setup()
     h_cpu = preserve(model, calib, method="gate", progress=False)
     h_gpu = preserve(model.cuda(), calib, method="gate", progress=False)
     np.testing.assert_allclose(h_gpu.projector("0").values, h_cpu.projector("0").values, rtol=1e-6)
