@@ -102,6 +102,7 @@ class GatedOptimizer(torch.optim.Optimizer):
     >>> import numpy as np, torch
     >>> from rqcore import NullspaceProjector
     >>> from rqcore_torch.projectors import LayerGate, to_torch
+    >>> _ = torch.manual_seed(0)
     >>> layer = torch.nn.Linear(3, 2)
     >>> gate = to_torch(NullspaceProjector(np.diag([1.0, 0, 0, 0]), rank=1))   # freeze input 0
     >>> opt = GatedOptimizer(torch.optim.SGD(layer.parameters(), lr=0.1),
@@ -109,7 +110,7 @@ class GatedOptimizer(torch.optim.Optimizer):
     >>> before = layer.weight[:, 0].clone()
     >>> layer(torch.randn(4, 3)).sum().backward()
     >>> _ = opt.step()
-    >>> torch.equal(layer.weight[:, 0], before)
+    >>> bool((layer.weight[:, 0] - before).abs().max() < 1e-6)   # frozen up to float32 rounding
     True
     """
 
