@@ -1,0 +1,123 @@
+"""BLAS thread counts around the iterative eigensolvers (rqcore._threads).
+
+The drivers run their small BLAS/LAPACK calls on one thread and give the operator's large products the
+caller's thread count; the caller's setting must come back after every call, also after an error and
+when solves run concurrently.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg
+from threadpoolctl import ThreadpoolController, threadpool_limits
+
+from rqcore import Pencil, generalized_topk, pair_residuals
+
+
+def blas_threads() -> set[int]:
+    return {
+        lib["num_threads"] for lib in ThreadpoolController().info() if lib["user_api"] == "blas"
+    }
+
+
+def pencil(d: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    s = np.arange(1, d + 1) ** -0.5
+    X = rng.standard_normal((2 * d, d)) * s
+    Y = rng.standard_normal((2 * d, d)) * s[rng.permutation(d)]
+    return X.T @ X / (2 * d), Y.T @ Y / (2 * d)
+
+
+class RecordingOperator(scipy.sparse.linalg.LinearOperator):
+    """``A`` as an operator that records the BLAS thread count seen by each product."""
+
+    def __init__(self, A: np.ndarray, fail_after: int | None = None) -> None:
+        super().__init__(dtype=A.dtype, shape=A.shape)
+        self.A = A
+        self.seen: list[set[int]] = []
+        self.fail_after = fail_after
+
+    def _matmat(self, X: np.ndarray) -> np.ndarray:
+        self.seen.append(blas_threads())
+        if self.fail_after is not None and len(self.seen) > self.fail_after:
+            raise RuntimeError("operator failed")
+        return self.A @ X
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matmat(x.reshape(-1, 1)).ravel()
+
+    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matvec(x)
+
+
+@pytest.fixture
+def two_threads():
+    with threadpool_limits(2, user_api="blas"):
+        if blas_threads() != {2}:
+            pytest.skip("the BLAS here cannot run 2 threads")
+        yield
+
+
+@pytest.mark.parametrize("method", ["lanczos", "lobpcg"])
+def test_products_get_the_callers_threads_and_the_setting_comes_back(two_threads, method):
+    A, B = pencil()
+    op = RecordingOperator(A)
+    result = generalized_topk(op, B, 6, reg=1e-3, method=method, tol=1e-9, seed=0)
+    assert result.converged
+    assert op.seen and all(seen == {2} for seen in op.seen)
+    assert blas_threads() == {2}
+    assert np.all(pair_residuals(A, result.pencil, result.values, result.vectors) <= 1e-9)
+
+
+def test_dense_A_paths_restore_the_setting(two_threads):
+    A, B = pencil(400)
+    cold = generalized_topk(A, B, 20, reg=1e-3, method="lanczos", tol=1e-9, seed=0)
+    warm = generalized_topk(1.01 * A, cold.pencil, 20, v0=cold.vectors, tol=1e-9, seed=0)
+    small = generalized_topk(A, cold.pencil, 12, largest=False, method="lanczos", tol=1e-9, seed=0)
+    assert cold.converged and warm.converged and small.converged
+    assert blas_threads() == {2}
+
+
+def test_setting_comes_back_after_an_error(two_threads):
+    A, B = pencil()
+    op = RecordingOperator(A, fail_after=3)
+    with pytest.raises(RuntimeError, match="operator failed"):
+        generalized_topk(op, B, 6, reg=1e-3, method="lanczos", seed=0)
+    assert blas_threads() == {2}
+
+
+def test_single_thread_caller_stays_single_threaded():
+    A, B = pencil()
+    with threadpool_limits(1, user_api="blas"):
+        op = RecordingOperator(A)
+        generalized_topk(op, B, 6, reg=1e-3, method="lanczos", seed=0)
+        assert all(seen == {1} for seen in op.seen)
+        assert blas_threads() == {1}
+
+
+def test_concurrent_solves_leave_the_setting_unchanged(two_threads):
+    A, B = pencil()
+    P = Pencil(B, reg=1e-3)
+    errors: list[BaseException] = []
+    results = []
+
+    def solve(seed: int) -> None:
+        try:
+            for _ in range(3):
+                results.append(
+                    generalized_topk(A, P, 8, method="lanczos", tol=1e-9, seed=seed, maxiter=500)
+                )
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=solve, args=(seed,)) for seed in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 9 and all(r.converged for r in results)
+    assert blas_threads() == {2}
