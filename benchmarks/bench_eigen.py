@@ -51,6 +51,33 @@ class GeneralizedTopKWarm:
         generalized_topk(self.A2, self.P, k, v0=self.v0, tol=TOL, seed=0)
 
 
+class GeneralizedTopKThreads:
+    """Cold and warm block solves with 1 and 2 BLAS threads (the drivers' own calls stay on one)."""
+
+    params: ClassVar[Any] = ((1, 2),)
+    param_names: ClassVar[list[str]] = ["threads"]
+    timeout = 300
+
+    def setup(self, threads: int) -> None:
+        d, self.k = 2048, 32
+        self.A, B = power_law_pencil(d)
+        self.P = Pencil(B, reg=REG)
+        self.v0: Any = generalized_topk(self.A, self.P, self.k, tol=TOL, seed=0).vectors
+        self.A2 = perturbed(self.A, d, seed=d + self.k)
+
+    def time_cold(self, threads: int) -> None:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(threads, user_api="blas"):
+            generalized_topk(self.A, self.P, self.k, tol=TOL, seed=0)
+
+    def time_warm(self, threads: int) -> None:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(threads, user_api="blas"):
+            generalized_topk(self.A2, self.P, self.k, v0=self.v0, tol=TOL, seed=0)
+
+
 class Kernels:
     """The numba bookkeeping kernels on a (4096, 128) block."""
 

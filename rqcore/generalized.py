@@ -1039,7 +1039,8 @@ def generalized_topk(
 
     if chosen == "dense":
         A_dense = _materialize(A, d, work_dtype) if is_operator else A
-        values, vectors, Y = _dense_topk(A_dense, pencil, k, largest)
+        with driver_threads(d), wide():  # LAPACK gains from threads only for d ≥ 2048
+            values, vectors, Y = _dense_topk(A_dense, pencil, k, largest)
         if a_norm is None or pencil.cholesky_factor is None:
             residuals = pair_residuals(
                 A,
@@ -1062,7 +1063,7 @@ def generalized_topk(
         converged = True
     else:
         A_work = A if is_operator or A.dtype == work_dtype else A.astype(work_dtype)
-        with driver_threads():
+        with driver_threads(d):
             solved = _iterative(
                 A_work,
                 pencil,

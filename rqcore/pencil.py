@@ -16,6 +16,7 @@ import scipy.linalg.blas
 import scipy.sparse
 from numpy.typing import NDArray
 
+from rqcore._threads import driver_threads, wide
 from rqcore._validation import as_float_array, check_finite, check_positive_int, check_symmetric
 from rqcore.exceptions import RqcoreWarning
 
@@ -127,9 +128,11 @@ class Pencil:
         shifted = np.array(B.T if B.flags.c_contiguous else B, dtype=B.dtype, order="F", copy=True)
         shifted.flat[:: d + 1] += self.reg_used
         try:
-            self.cholesky_factor = scipy.linalg.cholesky(
-                shifted, lower=True, overwrite_a=True, check_finite=False
-            )
+            # Threads pay for the factorization only from d = 2048 on (rqcore._threads).
+            with driver_threads(d), wide():
+                self.cholesky_factor = scipy.linalg.cholesky(
+                    shifted, lower=True, overwrite_a=True, check_finite=False
+                )
         except np.linalg.LinAlgError:
             suggestion = max(10 * reg, 1e-6)
             raise ValueError(

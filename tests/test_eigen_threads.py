@@ -14,6 +14,7 @@ import pytest
 import scipy.sparse.linalg
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
+import rqcore._threads
 from rqcore import Pencil, generalized_topk, pair_residuals
 
 
@@ -62,7 +63,11 @@ def two_threads():
 
 
 @pytest.mark.parametrize("method", ["lanczos", "lobpcg"])
-def test_products_get_the_callers_threads_and_the_setting_comes_back(two_threads, method):
+def test_large_products_get_the_callers_threads_and_the_setting_comes_back(
+    two_threads, method, monkeypatch
+):
+    # Widening starts at d = WIDE_MIN_DIM (2048); lowered here to keep the test small.
+    monkeypatch.setattr(rqcore._threads, "WIDE_MIN_DIM", 256)
     A, B = pencil()
     op = RecordingOperator(A)
     result = generalized_topk(op, B, 6, reg=1e-3, method=method, tol=1e-9, seed=0)
@@ -70,6 +75,15 @@ def test_products_get_the_callers_threads_and_the_setting_comes_back(two_threads
     assert op.seen and all(seen == {2} for seen in op.seen)
     assert blas_threads() == {2}
     assert np.all(pair_residuals(A, result.pencil, result.values, result.vectors) <= 1e-9)
+
+
+def test_small_problems_stay_on_one_thread(two_threads):
+    # Below WIDE_MIN_DIM two threads were slower than one even for the products.
+    A, B = pencil()
+    op = RecordingOperator(A)
+    generalized_topk(op, B, 6, reg=1e-3, method="lanczos", tol=1e-9, seed=0)
+    assert op.seen and all(seen == {1} for seen in op.seen)
+    assert blas_threads() == {2}
 
 
 def test_dense_A_paths_restore_the_setting(two_threads):
