@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +253,27 @@ def test_warm_davidson_unchanged_A_returns_at_once(k):
         rtol=1e-6,
         atol=1e-15,
     )
+
+
+@pytest.mark.parametrize(("d", "k"), [(600, 40), (400, 48)])
+def test_block_lanczos_exact_stop_returns_the_tested_pairs(d, k):
+    """Cold block Lanczos: the pairs returned at the exact stop (no final Rayleigh-Ritz) are LAPACK's,
+    M-orthonormal, and their residuals are the true pair_residuals (just under tol, not over-solved by
+    a whole extra block)."""
+    A, B = power_law_pencil(d, seed=34)
+    tol = 1e-9
+    res = generalized_topk(A, B, k, reg=1e-3, method="lanczos", tol=tol, seed=0)
+    assert res.method == "lanczos" and res.converged
+    check_result(res, A, reg_M(B, 1e-3), k, True, tol=tol)
+    true = pair_residuals(A, res.pencil, res.values, res.vectors)
+    np.testing.assert_allclose(res.residuals, true, rtol=1e-6, atol=1e-15)
+    assert np.max(true) <= 0.9 * tol * (1 + 1e-6)
+    # The stop is at the first block that passes 0.9·tol: one block fewer leaves a pair above it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fewer = generalized_topk(A, B, k, reg=1e-3, method="lanczos", tol=tol, seed=0,
+                                 maxiter=res.iterations - 1)  # fmt: skip
+    assert np.max(fewer.residuals) > 0.9 * tol * (1 - 1e-3)
 
 
 @pytest.mark.parametrize(("d", "k"), [(600, 64), (400, 40), (300, 10)])
