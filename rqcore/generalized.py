@@ -485,9 +485,10 @@ def _single_vector_lanczos(
 #: whole of ``span(Lᵀv0)`` first (see :func:`rqcore._lanczos.warm_block_davidson`); it hands over to the
 #: block Lanczos after this many block products.
 _WARM_MAX_STEPS = 40
-#: The warm path accepts a pair below ``_WARM_TOL_FACTOR·tol`` (its measure is the returned residual,
-#: computed as ``‖L(Cy − θy)‖``; the margin absorbs the rounding of a recomputation from ``AV``, ``MV``).
-_WARM_TOL_FACTOR = 0.9
+#: The warm Davidson and the block Lanczos's exact stop accept a pair below ``_ACCEPT_TOL_FACTOR·tol``
+#: (its measure is the returned residual, computed as ``‖L(Cy − θy)‖``; the margin absorbs the
+#: rounding of a recomputation from ``AV``, ``MV``).
+_ACCEPT_TOL_FACTOR = 0.9
 #: Basis size that triggers a thick restart of the warm Davidson: ``min(max(min(f·k + 16, d/2), 2k + 16),
 #: d − k)`` with this ``f``.
 _WARM_BASIS_FACTOR = 4
@@ -518,7 +519,7 @@ def _warm_davidson(
     diag = np.abs(np.diag(Rr))
     # Reusing v0 needs a well-conditioned R (rounding in v0 R⁻¹ grows with cond(R)); an M-orthonormal
     # v0 (a previous result) has R ≈ I. Otherwise X0 is orthonormalized and L⁻ᵀX0 recomputed.
-    ok = Y0.shape[1] >= k and bool(diag.min() > 1e-2 * max(float(diag.max()), 1e-300))
+    ok = Y0.shape[1] == k and bool(diag.min() > 1e-2 * max(float(diag.max()), 1e-300))
     if ok:
         # Z0 = v0 R⁻¹ = L⁻ᵀ Q (v0 = L⁻ᵀ Y0 = L⁻ᵀ Q R).
         Z0 = scipy.linalg.solve_triangular(Rr, v0.T, trans="T", lower=False, check_finite=False).T
@@ -526,7 +527,7 @@ def _warm_davidson(
         W0 = np.asarray(problem.op_back(Z0), dtype=dtype)
         X0 = Q
     else:
-        pad = rng.standard_normal((d, max(k - Y0.shape[1], 0))).astype(dtype)
+        pad = rng.standard_normal((d, k - Y0.shape[1])).astype(dtype)
         X0, _ = np.linalg.qr(np.hstack([Y0, pad]) if pad.shape[1] else Y0)
         out = problem.op(X0)
         W0, Z0 = np.asarray(out[0], dtype=dtype), np.asarray(out[1], dtype=dtype)
@@ -561,7 +562,7 @@ def _warm_davidson(
         Z0=Z0,
         measure=measure,
         bound=bound,
-        tol=_WARM_TOL_FACTOR * tol,
+        tol=_ACCEPT_TOL_FACTOR * tol,
         maxiter=maxiter,
         maxbasis=maxbasis,
         rng=rng,
@@ -710,7 +711,7 @@ def _iterative(
         measures = num / den
         last_exact["theta"] = np.array(theta, dtype=np.float64)
         last_exact["measures"] = measures
-        return measures / (_WARM_TOL_FACTOR * tol * scale)
+        return measures / (_ACCEPT_TOL_FACTOR * tol * scale)
 
     last_exact: dict[str, NDArray[np.float64]] = {}
 
