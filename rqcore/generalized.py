@@ -981,6 +981,11 @@ def generalized_topk(
     after 40 block products, the block Lanczos finishes from its Ritz vectors. ``iterations`` counts
     block products on both.
 
+    Threads: the iterative methods run their own small BLAS/LAPACK calls on one thread and give the
+    caller's BLAS thread count (e.g. from ``threadpoolctl.threadpool_limits``) to the products with
+    ``A`` and the Cholesky factor only; for ``d < 2048`` everything runs on one thread, where two were
+    measured slower. The caller's setting is restored on return. See docs/solvers.md, *Threads*.
+
     Examples
     --------
     >>> import numpy as np
