@@ -90,3 +90,10 @@ def wide() -> Iterator[None]:
         if _depth > 0:
             for lib in libraries:
                 lib.set_num_threads(1)
+
+
+def caller_threads() -> int:
+    """The caller's BLAS thread count (outside any driver: the current setting)."""
+    if _depth > 0:
+        return max(_saved, default=1)
+    return max((int(lib.get_num_threads()) for lib in _blas_libraries()), default=1)

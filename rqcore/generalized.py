@@ -29,7 +29,7 @@ from rqcore._eigen_kernels import (
 )
 from rqcore._lanczos import KrylovResult, block_lanczos, warm_block_davidson
 from rqcore._lobpcg import lobpcg
-from rqcore._threads import driver_threads, wide
+from rqcore._threads import caller_threads, driver_threads, wide
 from rqcore._validation import as_float_array, check_finite, check_symmetric
 from rqcore.exceptions import ConvergenceWarning
 from rqcore.pencil import Pencil
@@ -201,7 +201,8 @@ def _validate_A(A: Any) -> tuple[Any, int, np.dtype[Any], bool, float | None]:
     if arr.shape[0] != arr.shape[1]:
         raise ValueError(f"A must be a square 2-D matrix, got shape {arr.shape}.")
     # One fused pass (symmetry, finiteness, ‖A‖₁) instead of |A − Aᵀ| temporaries.
-    asym, scale, finite, a_norm = asymmetry_and_norm(arr)
+    # The pass follows the caller's BLAS thread setting (two threads halve it at d ≥ 2048).
+    asym, scale, finite, a_norm = asymmetry_and_norm(arr, threads=caller_threads())
     if not finite:
         check_finite(arr, "A")
     rtol = 100.0 * float(np.finfo(arr.dtype).eps)

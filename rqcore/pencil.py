@@ -16,7 +16,7 @@ import scipy.linalg.blas
 import scipy.sparse
 from numpy.typing import NDArray
 
-from rqcore._threads import driver_threads, wide
+from rqcore._threads import caller_threads, driver_threads, wide
 from rqcore._validation import as_float_array, check_finite, check_positive_int, check_symmetric
 from rqcore.exceptions import RqcoreWarning
 
@@ -110,7 +110,7 @@ class Pencil:
 
         # One fused, cache-blocked pass (finiteness, max |B − Bᵀ|, max |B|, ‖B‖₁) instead of |B − Bᵀ|
         # temporaries; the standard checks run (and raise) only when it flags a problem.
-        asym, scale, finite, b_norm = asymmetry_and_norm(B)
+        asym, scale, finite, b_norm = asymmetry_and_norm(B, threads=caller_threads())
         if not finite:
             check_finite(B, "B")
         if asym > 100.0 * float(np.finfo(B.dtype).eps) * max(scale, np.finfo(np.float64).tiny):

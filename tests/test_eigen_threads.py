@@ -135,3 +135,23 @@ def test_concurrent_solves_leave_the_setting_unchanged(two_threads):
     assert not errors
     assert len(results) == 9 and all(r.converged for r in results)
     assert blas_threads() == {2}
+
+
+def test_two_thread_symmetry_check_matches_the_serial_pass():
+    """asymmetry_and_norm(threads=2) splits the tiles over two threads at d ≥ 2048: same verdicts."""
+    from rqcore._eigen_kernels import asymmetry_and_norm
+
+    rng = np.random.default_rng(0)
+    d = 2049  # a partial last row block
+    G = rng.standard_normal((d, d))
+    A = G + G.T
+    serial = asymmetry_and_norm(A)
+    split = asymmetry_and_norm(A, threads=2)
+    assert serial[0] == split[0] == 0.0 and serial[1] == split[1] and serial[2] and split[2]
+    np.testing.assert_allclose(split[3], np.abs(A).sum(axis=0).max(), rtol=1e-12)
+    for i, j in [(3, 5), (d - 1, 2), (1500, 1499)]:  # entries in both halves of the tiles
+        B = A.copy()
+        B[i, j] += 1.0
+        assert asymmetry_and_norm(B, threads=2)[0] == pytest.approx(1.0)
+        B[i, j] = np.nan
+        assert not asymmetry_and_norm(B, threads=2)[2]
