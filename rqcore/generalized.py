@@ -940,8 +940,10 @@ def generalized_topk(
     -----
     All methods work on the reduced problem ``C y = λ y``, ``C = L⁻¹AL⁻ᵀ``, ``M = B + εI = LLᵀ``
     (``L`` computed once by :class:`Pencil`), and map back with ``v = L⁻ᵀy``, which makes the vectors
-    ``M``-orthonormal. Every iterative result ends with a Rayleigh-Ritz in the pencil's coordinates and
-    the residuals of :func:`pair_residuals`.
+    ``M``-orthonormal. Every iterative result carries the residuals of :func:`pair_residuals`: either
+    from a final Rayleigh-Ritz in the pencil's coordinates (``AV``, ``MV``), or, where a driver's exact
+    test stopped it (block Lanczos, warm block Davidson), the measures that test computed as
+    ``‖L(Cy − θy)‖`` — the same quantity up to rounding, and at most ``0.9·tol``.
 
     ``"dense"``
         ``sygst`` + ``syevr`` on the subset. Exact to rounding; costs ``O(d³)`` whatever ``k``. Do not
@@ -955,7 +957,7 @@ def generalized_topk(
         thick-restart block Lanczos with full (block CGS2) reorthogonalization; ``C`` is applied as two
         triangular solves around a product with ``A`` (never formed; BLAS ``trsm``/``symm`` directly,
         no copies). It stops as soon as the true residual measure of every wanted pair is below
-        ``tol`` (computed from the Krylov relation with one ``trmm`` of the next block). Convergence is driven by the gap
+        ``0.9·tol`` (computed from the Krylov relation with one ``trmm`` of the next block). Convergence is driven by the gap
         between the ``k``-th and ``(k+1)``-th eigenvalue relative to the spread of the spectrum; heavy
         tails make ``largest=True`` easy and ``largest=False`` hard, so for the smallest eigenvalues
         with a dense ``A`` it iterates on ``(C − σ)⁻¹`` (shift-invert, one Cholesky of ``A − σM``,
