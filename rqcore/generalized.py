@@ -950,12 +950,12 @@ def generalized_topk(
         use for large ``d`` with small ``k``, or when ``A`` is only available as an operator.
     ``"lanczos"``
         For a dense ``A``, ``largest=True`` and small ``k`` (``k ≤ 8``, or ``k ≤ 32`` with
-        ``d ≤ 1536``; warm starts only for ``d ≤ 2048``) a single-vector implicitly restarted Lanczos
+        ``d ≤ 1536``; warm starts only for ``d ≤ 1536``) a single-vector implicitly restarted Lanczos
         (ARPACK, BLAS-2 ``trsv``/``symv`` products called directly) runs first; its result is accepted
         only if the true measure of every pair is below ``tol``, otherwise the block iteration solves
         the problem. Otherwise:
         thick-restart block Lanczos with full (block CGS2) reorthogonalization; ``C`` is applied as two
-        triangular solves around a product with ``A`` (never formed; BLAS ``trsm``/``symm`` directly,
+        triangular solves around a product with ``A`` (never formed; BLAS ``trsm``/``gemm`` directly,
         no copies). It stops as soon as the true residual measure of every wanted pair is below
         ``0.9·tol`` (computed from the Krylov relation with one ``trmm`` of the next block). Convergence is driven by the gap
         between the ``k``-th and ``(k+1)``-th eigenvalue relative to the spread of the spectrum; heavy
