@@ -79,11 +79,18 @@ class GeneralizedTopKThreads:
 
 
 class Kernels:
-    """The numba bookkeeping kernels on a (4096, 128) block."""
+    """The numba bookkeeping kernels on a (4096, 128) block; the symmetry/finiteness/norm pass over a
+    4096 × 4096 matrix on one and two threads."""
 
     def setup(self) -> None:
         rng = np.random.default_rng(0)
         self.X = rng.standard_normal((4096, 128))
+        G = rng.standard_normal((4096, 4096))
+        self.S = G + G.T
+        from rqcore._eigen_kernels import asymmetry_and_norm
+
+        self.asymmetry_and_norm = asymmetry_and_norm
+        asymmetry_and_norm(self.S[:64, :64])
         self.lam = rng.standard_normal(128)
         from rqcore._eigen_kernels import column_norms, pair_residual_norms
 
@@ -97,3 +104,9 @@ class Kernels:
 
     def time_pair_residual_norms(self) -> None:
         self.pair_residual_norms(self.X, self.X, self.lam)
+
+    def time_symmetry_check_1_thread(self) -> None:
+        self.asymmetry_and_norm(self.S, threads=1)
+
+    def time_symmetry_check_2_threads(self) -> None:
+        self.asymmetry_and_norm(self.S, threads=2)
