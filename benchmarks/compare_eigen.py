@@ -32,6 +32,12 @@ from rqcore import Pencil, generalized_topk, pair_residuals
 
 REG = 1e-3
 TOL = 1e-8
+#: Pause before every timed run with more than one BLAS thread. NumPy and SciPy each bundle an OpenBLAS;
+#: after a threaded call an OpenBLAS's workers busy-wait for 50-100 ms, and a threaded call into the
+#: other copy meanwhile runs 2-5× slower (measured: a SciPy gemm 95 ms right after a threaded NumPy
+#: product, 17-20 ms after 0.1 s). Without the pause each solver would be timed partly against the
+#: previous one's (or the residual check's) spinning threads.
+SETTLE_S = 0.2
 
 PEER_SETTINGS = {
     "rqcore auto": f"method='auto', tol={TOL:g}, reg={REG:g} (Cholesky included)",
@@ -128,6 +134,11 @@ def solvers(
     return out
 
 
+def _settle(threads: int) -> None:
+    if threads > 1:
+        time.sleep(SETTLE_S)
+
+
 def run(
     sizes: list[int],
     ks: list[int],
@@ -149,6 +160,7 @@ def run(
     print(
         f"# BLAS threads: {threads} (threadpoolctl) for every solver; target residual {TOL:g} "
         f"(rqcore.pair_residuals); reg = {REG:g}; medians of {repeat} interleaved repeats"
+        + (f"; {SETTLE_S:g} s pause before each timed run" if threads > 1 else "")
     )
     print("# peer settings:")
     for name, setting in PEER_SETTINGS.items():
@@ -170,6 +182,7 @@ def run(
                 res: dict[str, float] = {}
                 for _ in range(repeat):
                     for name, f in funcs.items():
+                        _settle(threads)
                         t0 = time.perf_counter()
                         try:
                             w, V = f()
@@ -197,6 +210,7 @@ def run(
                     A2 = perturbed(A, d, seed=d + k)
                     tw = []
                     for _ in range(repeat):
+                        _settle(threads)
                         t0 = time.perf_counter()
                         r2 = generalized_topk(A2, P, k, v0=cold.vectors, tol=TOL, seed=0)
                         tw.append(time.perf_counter() - t0)

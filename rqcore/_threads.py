@@ -1,17 +1,23 @@
 """BLAS thread counts inside the iterative eigensolvers.
 
 The drivers interleave a few large products (``A @ Z`` and the triangular solves with the Cholesky
-factor: ``d × d`` times ``d × b``) with many small BLAS/LAPACK calls (Gram-Schmidt products against a
-basis of a few hundred columns, QR of ``d × b`` blocks, ``eigh`` of the projected matrix). OpenBLAS
-splits every call over all its threads; for the small calls the synchronization costs more than the
-work (measured on 2 cores, d = 4096: ``eigh`` of a 128 × 128 matrix 1.5 → 6 ms, QR of a 4096 × 16 block
-14 → 220 ms per run, the block Lanczos 1.4 → 2.1 s with 2 threads). So a driver runs its own calls on one
-thread (:func:`driver_threads`) and gives the large products the caller's thread count back
-(:func:`wide`). Below ``d = 2048`` even the large products and LAPACK's dense solvers ran slower on two
-threads than on one (2 cores, 1 → 2 threads: ``scipy.linalg.eigh(A, B, subset_by_index)`` for k = 128
-0.043 → 0.077 s at d = 512, 0.160 → 0.204 s at d = 1024, 1.07 → 0.66 s at d = 2048; a ``gemv`` at
-d = 512 51 → 66 µs), so there :func:`wide` keeps one thread too. With one BLAS thread, or without
-threadpoolctl, both are no-ops.
+factor: ``d × d`` times ``d × b``) and mid-size ones (Gram-Schmidt and residual products ``(d, n) ×
+(n, c)`` against a basis of a few hundred columns) with many small BLAS/LAPACK calls (QR and Gram
+matrices of ``d × b`` blocks, ``eigh`` of the projected matrix). OpenBLAS splits every call over all
+its threads; for the small calls the synchronization costs more than the work. So a driver runs its
+own calls on one thread (:func:`driver_threads`) and gives the products the caller's thread count back
+(:func:`wide`; :func:`rqcore._blas.gemm` does so for products of at least ``2·10⁷`` flops).
+
+Every call that may run on several threads goes through SciPy's BLAS: NumPy and SciPy wheels bundle one
+OpenBLAS each, and after a threaded call an OpenBLAS's workers busy-wait for 50-100 ms, during which a
+threaded call into the other copy runs 2-5× slower (2 cores: a SciPy ``gemm`` of ``4096² × 4096 × 32``
+took 95 ms 1-5 ms after a threaded NumPy product, 17-20 ms when both were quiet). Measured that way —
+one library, no interference — two threads pay from ``d = 512`` on (2 cores, cold / warm solves,
+1 → 2 threads allowed: d = 512, k = 32 16.7 → 15.1 / 12.0 → 10.9 ms; d = 1024, k = 128 (LAPACK)
+165 → 123 / 151 → 113 ms; d = 1536, k = 32 158 → 124 / 118 → 87 ms) but not below (d = 128, k = 8:
+1.8 → 2.1 ms). An earlier version measured two threads as slower up to d = 2048; those numbers were
+taken with NumPy products in between and showed the interference, not the threads. With one BLAS
+thread, or without threadpoolctl, both context managers are no-ops.
 
 The thread count is process-wide: concurrent solves share it. The first solve to enter saves the
 caller's counts and the last to leave restores them, so concurrent calls never leave the process with
@@ -26,7 +32,7 @@ from collections.abc import Iterator
 from typing import Any
 
 #: Matrices of this dimension or larger get the caller's thread count in :func:`wide`.
-WIDE_MIN_DIM = 2048
+WIDE_MIN_DIM = 512
 
 _lock = threading.Lock()
 _local = threading.local()
@@ -77,16 +83,29 @@ def driver_threads(dim: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def wide() -> Iterator[None]:
-    """Inside :func:`driver_threads`: the caller's thread count for one large product."""
-    if _depth == 0 or not getattr(_local, "widen", False) or not any(n > 1 for n in _saved):
-        yield
+    """Inside :func:`driver_threads`: the caller's thread count for one large product (re-entrant:
+    only the outermost ``wide`` of a thread switches)."""
+    nested = getattr(_local, "wide_depth", 0)
+    if (
+        nested
+        or _depth == 0
+        or not getattr(_local, "widen", False)
+        or not any(n > 1 for n in _saved)
+    ):
+        _local.wide_depth = nested + 1
+        try:
+            yield
+        finally:
+            _local.wide_depth = nested
         return
     libraries = _blas_libraries()
     for lib, n in zip(libraries, _saved, strict=True):
         lib.set_num_threads(n)
+    _local.wide_depth = 1
     try:
         yield
     finally:
+        _local.wide_depth = 0
         if _depth > 0:
             for lib in libraries:
                 lib.set_num_threads(1)

@@ -20,6 +20,7 @@ import scipy.sparse
 import scipy.sparse.linalg
 from numpy.typing import NDArray
 
+from rqcore._blas import gemm
 from rqcore._eigen_kernels import (
     asymmetry_and_norm,
     column_norms,
@@ -209,6 +210,18 @@ def _validate_A(A: Any) -> tuple[Any, int, np.dtype[Any], bool, float | None]:
     if asym > rtol * max(scale, np.finfo(np.float64).tiny):
         check_symmetric(arr, "A")  # raises with the standard message
     return arr, arr.shape[0], arr.dtype, False, a_norm
+
+
+def _apply_symmetric(A: Any, V: FloatArray) -> FloatArray:
+    """``A @ V`` for the (validated, symmetric) ``A``; a dense ``A`` goes through SciPy's ``gemm``.
+
+    Same library as the operator's products, so threaded calls do not compete with a second OpenBLAS
+    (see :mod:`rqcore._blas`); a C-ordered ``A`` is passed as its Fortran-ordered transpose (equal).
+    """
+    if isinstance(A, np.ndarray) and A.dtype == V.dtype and A.dtype in (np.float32, np.float64):
+        A_f = A if A.flags.f_contiguous else A.T
+        return gemm(A_f, np.asfortranarray(V))
+    return np.asarray(A @ V)
 
 
 def _materialize(A: Any, d: int, dtype: np.dtype[Any]) -> FloatArray:
@@ -588,7 +601,7 @@ def _finalize(
     with wide():
         if V is None:
             V = pencil.solve_upper(Y)
-        AV = np.asarray(A @ V)
+        AV = _apply_symmetric(A, V)
         if pencil.cholesky_factor is not None and Y.dtype == pencil.dtype:
             # M V = L Lᵀ V = L Y: one trmm (d²k flops) instead of the product with B (2d²k). V = L⁻ᵀY
             # comes from a backward-stable triangular solve, so L Y differs from M V by
@@ -596,8 +609,9 @@ def _finalize(
             MV = pencil.lower_matmul(Y)
         else:
             MV = pencil.matvec(V)
-    H = np.asarray(V.T @ AV, dtype=np.float64)
-    G = np.asarray(V.T @ MV, dtype=np.float64)
+    V, AV, MV = (np.asfortranarray(X, dtype=V.dtype) for X in (V, AV, MV))
+    H = np.asarray(gemm(V, AV, trans_a=True), dtype=np.float64)
+    G = np.asarray(gemm(V, MV, trans_a=True), dtype=np.float64)
     H = (H + H.T) / 2
     G = (G + G.T) / 2
     try:
@@ -607,7 +621,7 @@ def _finalize(
     if largest:
         w, S = w[::-1], S[:, ::-1]
     S = S.astype(V.dtype)
-    V, AV, MV = V @ S, AV @ S, MV @ S
+    V, AV, MV = gemm(V, S), gemm(AV, S), gemm(MV, S)
     a_norm, m_norm = norms
     numerator = pair_residual_norms(AV, MV, w)
     denominator = (a_norm + np.abs(w) * m_norm) * column_norms(V)
@@ -986,7 +1000,8 @@ def generalized_topk(
 
     Threads: the iterative methods run their own small BLAS/LAPACK calls on one thread and give the
     caller's BLAS thread count (e.g. from ``threadpoolctl.threadpool_limits``) to the products with
-    ``A`` and the Cholesky factor only; for ``d < 2048`` everything runs on one thread, where two were
+    ``A`` and the Cholesky factor, and to the drivers' own large products (through SciPy's BLAS, the
+    same OpenBLAS as the operator's calls); for ``d < 512`` everything runs on one thread, where two were
     measured slower. The caller's setting is restored on return. See docs/solvers.md, *Threads*.
 
     Examples
@@ -1048,9 +1063,17 @@ def generalized_topk(
 
     if chosen == "dense":
         A_dense = _materialize(A, d, work_dtype) if is_operator else A
-        with driver_threads(d), wide():  # LAPACK gains from threads only for d ≥ 2048
-            values, vectors, Y = _dense_topk(A_dense, pencil, k, largest)
-        if a_norm is None or pencil.cholesky_factor is None:
+        with driver_threads(d):
+            with wide():  # LAPACK gains from threads from d = 512 on
+                values, vectors, Y = _dense_topk(A_dense, pencil, k, largest)
+            if a_norm is None or pencil.cholesky_factor is None:
+                AV = MV = None
+            else:
+                # M V = L Lᵀ V = L Y: one trmm (d²k flops) instead of the product with B (2d²k).
+                AV = np.asarray(_apply_symmetric(A, vectors), dtype=np.float64)
+                with wide():
+                    MV = np.asarray(pencil.lower_matmul(Y), dtype=np.float64)
+        if AV is None or MV is None or a_norm is None:
             residuals = pair_residuals(
                 A,
                 pencil,
@@ -1059,9 +1082,6 @@ def generalized_topk(
                 norms=None if a_norm is None else (a_norm, pencil.one_norm),
             )
         else:
-            # M V = L Lᵀ V = L Y: one trmm (d²k flops) instead of the product with B (2d²k).
-            AV = np.asarray(A @ vectors, dtype=np.float64)
-            MV = np.asarray(pencil.lower_matmul(Y), dtype=np.float64)
             numerator = pair_residual_norms(AV, MV, np.asarray(values, dtype=np.float64))
             denominator = (a_norm + np.abs(values) * pencil.one_norm) * column_norms(vectors)
             with np.errstate(invalid="ignore", divide="ignore"):

@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+import scipy.linalg.blas
 import scipy.sparse.linalg
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
@@ -66,7 +67,7 @@ def two_threads():
 def test_large_products_get_the_callers_threads_and_the_setting_comes_back(
     two_threads, method, monkeypatch
 ):
-    # Widening starts at d = WIDE_MIN_DIM (2048); lowered here to keep the test small.
+    # Widening starts at d = WIDE_MIN_DIM (512); lowered here to keep the test small.
     monkeypatch.setattr(rqcore._threads, "WIDE_MIN_DIM", 256)
     A, B = pencil()
     op = RecordingOperator(A)
@@ -155,3 +156,45 @@ def test_two_thread_symmetry_check_matches_the_serial_pass():
         assert asymmetry_and_norm(B, threads=2)[0] == pytest.approx(1.0)
         B[i, j] = np.nan
         assert not asymmetry_and_norm(B, threads=2)[2]
+
+
+def test_wide_is_reentrant(two_threads):
+    # An inner ``wide`` (e.g. rqcore._blas.gemm inside a widened block) must not narrow the outer one.
+    with rqcore._threads.driver_threads(4096):
+        assert blas_threads() == {1}
+        with rqcore._threads.wide():
+            assert blas_threads() == {2}
+            with rqcore._threads.wide():
+                assert blas_threads() == {2}
+            assert blas_threads() == {2}
+        assert blas_threads() == {1}
+    assert blas_threads() == {2}
+
+
+def test_driver_products_are_widened_through_scipy_blas(two_threads, monkeypatch):
+    """The drivers' large (d, n) × (n, c) products see the caller's 2 threads; small ones stay on 1."""
+    import rqcore._blas
+
+    seen: list[tuple[float, set[int]]] = []
+    real = scipy.linalg.blas.get_blas_funcs
+
+    def recording(names, arrays):
+        (f,) = real(names, arrays)
+
+        def call(alpha, a, b, **kw):
+            m = a.shape[1] if kw.get("trans_a") else a.shape[0]
+            seen.append((2.0 * m * b.shape[0] * b.shape[1], blas_threads()))
+            return f(alpha, a, b, **kw)
+
+        call.dtype = f.dtype
+        return (call,)
+
+    monkeypatch.setattr(rqcore._blas.scipy.linalg.blas, "get_blas_funcs", recording)
+    A, B = pencil(600)
+    cold = generalized_topk(A, B, 40, reg=1e-3, method="lanczos", tol=1e-9, maxiter=200, seed=0)
+    assert cold.converged
+    large = [t for flops, t in seen if flops >= rqcore._blas.WIDE_MIN_FLOPS]
+    small = [t for flops, t in seen if flops < rqcore._blas.WIDE_MIN_FLOPS]
+    assert large and all(t == {2} for t in large)
+    assert small and all(t == {1} for t in small)
+    assert blas_threads() == {2}

@@ -1,0 +1,79 @@
+"""The drivers' own dense kernels: rqcore._blas.gemm and the projected eigenproblem's solver."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from rqcore._blas import gemm
+from rqcore._lanczos import _wanted_eigh
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-4)])
+@pytest.mark.parametrize("trans_a", [False, True])
+def test_gemm_matches_numpy(dtype, rtol, trans_a):
+    rng = np.random.default_rng(0)
+    # op(a) is (70, 50) either way; a is Fortran-ordered as the drivers pass it.
+    a = np.asfortranarray(rng.standard_normal((50, 70) if trans_a else (70, 50)).astype(dtype))
+    b = rng.standard_normal((50, 9)).astype(dtype)
+    ref = (a.T if trans_a else a).astype(np.float64) @ b.astype(np.float64)
+    out = gemm(a, b, trans_a=trans_a)
+    assert out.dtype == dtype and out.shape == ref.shape and out.flags.f_contiguous
+    np.testing.assert_allclose(out, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+
+
+def test_gemm_accumulates_in_place():
+    rng = np.random.default_rng(1)
+    a = np.asfortranarray(rng.standard_normal((40, 30)))
+    b = rng.standard_normal((30, 5))
+    c = np.asfortranarray(rng.standard_normal((40, 5)))
+    expected = 2.0 * c - 0.5 * (a @ b)
+    out = gemm(a, b, alpha=-0.5, beta=2.0, c=c)
+    assert out is c
+    np.testing.assert_allclose(c, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_gemm_with_empty_inner_dimension():
+    a = np.zeros((6, 0), order="F")
+    b = np.zeros((0, 3))
+    assert np.array_equal(gemm(a, b), np.zeros((6, 3)))
+    c = np.asfortranarray(np.ones((6, 3)))
+    assert np.array_equal(gemm(a, b, beta=0.5, c=c), np.full((6, 3), 0.5))
+
+
+@pytest.mark.parametrize("n, p", [(40, 4), (40, 20), (200, 8), (200, 128), (7, 7)])
+@pytest.mark.parametrize("largest", [True, False])
+def test_wanted_eigh_matches_lapack(n, p, largest):
+    """Both branches (subset ``syevr`` for few pairs, all pairs by ``syevd`` for many) agree."""
+    rng = np.random.default_rng(n + p)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = np.sort(rng.standard_normal(n)) * np.arange(1, n + 1)  # distinct
+    H = (Q * lam) @ Q.T
+    H = (H + H.T) / 2
+    vals, S = _wanted_eigh(H, p, largest)
+    ref_vals, ref_S = scipy.linalg.eigh(H)
+    idx = np.arange(n - 1, n - p - 1, -1) if largest else np.arange(p)
+    np.testing.assert_allclose(vals, ref_vals[idx], rtol=0, atol=1e-12 * np.abs(lam).max())
+    assert S.shape == (n, p)
+    # same vectors up to sign: |Sᵀ S_ref| = I
+    np.testing.assert_allclose(np.abs(S.T @ ref_S[:, idx]), np.eye(p), atol=1e-8)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-11), (np.float32, 2e-4)])
+def test_pencil_apply_reduced_is_exact_for_any_layout(order, dtype, rtol):
+    """``L⁻¹ A L⁻ᵀ X`` through SciPy's gemm, also for a non-symmetric ``A`` and a 1-D ``X``."""
+    from rqcore import Pencil
+
+    rng = np.random.default_rng(3)
+    d = 60
+    X = rng.standard_normal((2 * d, d))
+    P = Pencil((X.T @ X / (2 * d)).astype(dtype), reg=1e-3)
+    A = np.array(rng.standard_normal((d, d)), dtype=dtype, order=order)
+    Z = rng.standard_normal((d, 4)).astype(dtype)
+    L = P.cholesky_factor.astype(np.float64)
+    ref = np.linalg.solve(L, A.astype(np.float64) @ np.linalg.solve(L.T, Z.astype(np.float64)))
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(P.apply_reduced(A, Z), ref, rtol=0, atol=rtol * scale)
+    np.testing.assert_allclose(P.apply_reduced(A, Z[:, 1]), ref[:, 1], rtol=0, atol=rtol * scale)
