@@ -16,7 +16,6 @@ import scipy.linalg.blas
 import scipy.sparse
 from numpy.typing import NDArray
 
-from rqcore._blas import gemm
 from rqcore._threads import caller_threads, driver_threads, wide
 from rqcore._validation import as_float_array, check_finite, check_positive_int, check_symmetric
 from rqcore.exceptions import RqcoreWarning
@@ -271,15 +270,5 @@ class Pencil:
         step is BLAS-3 (``4·d²·b`` flops for dense ``A``).
         """
         Z = self.solve_upper(X)
-        if isinstance(A, np.ndarray) and A.dtype == Z.dtype and A.dtype in (np.float32, np.float64):
-            # SciPy's gemm, the same OpenBLAS as the triangular solves (see rqcore._blas); a
-            # C-ordered A is passed as its Fortran-ordered transpose with trans_a (no copy).
-            Z2 = np.asfortranarray(Z[:, None] if Z.ndim == 1 else Z)
-            if A.flags.f_contiguous:
-                W = gemm(A, Z2)
-            else:
-                W = gemm(A.T, Z2, trans_a=True)
-            Z = W[:, 0] if Z.ndim == 1 else W
-        else:
-            Z = np.asarray(A @ Z)
+        Z = np.asarray(A @ Z)
         return self.solve_lower(Z)

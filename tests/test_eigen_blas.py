@@ -63,7 +63,7 @@ def test_wanted_eigh_matches_lapack(n, p, largest):
 @pytest.mark.parametrize("order", ["C", "F"])
 @pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-11), (np.float32, 2e-4)])
 def test_pencil_apply_reduced_is_exact_for_any_layout(order, dtype, rtol):
-    """``L⁻¹ A L⁻ᵀ X`` through SciPy's gemm, also for a non-symmetric ``A`` and a 1-D ``X``."""
+    """``L⁻¹ A L⁻ᵀ X``, also for a non-symmetric ``A`` and a 1-D ``X``."""
     from rqcore import Pencil
 
     rng = np.random.default_rng(3)
@@ -77,3 +77,20 @@ def test_pencil_apply_reduced_is_exact_for_any_layout(order, dtype, rtol):
     scale = np.abs(ref).max()
     np.testing.assert_allclose(P.apply_reduced(A, Z), ref, rtol=0, atol=rtol * scale)
     np.testing.assert_allclose(P.apply_reduced(A, Z[:, 1]), ref[:, 1], rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("ncols", [1, 5])
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_symmetric_product_matches_numpy(order, ncols, dtype, rtol):
+    """``A @ V`` of the solvers' certificate (gemv for one column, gemm otherwise)."""
+    from rqcore.generalized import _apply_symmetric
+
+    rng = np.random.default_rng(ncols)
+    A = rng.standard_normal((80, 80))
+    A = np.array(A + A.T, dtype=dtype, order=order)
+    V = rng.standard_normal((80, ncols)).astype(dtype)
+    out = _apply_symmetric(A, V)
+    ref = A.astype(np.float64) @ V.astype(np.float64)
+    assert out.shape == (80, ncols) and out.dtype == dtype
+    np.testing.assert_allclose(out, ref, rtol=0, atol=rtol * np.abs(ref).max())
