@@ -25,8 +25,11 @@ from rqcore._threads import wide
 FloatArray = NDArray[np.floating[Any]]
 
 #: Products of at least this many flops get the caller's BLAS thread count (inside a driver, where
-#: :func:`rqcore._threads.wide` allows it, i.e. for d ≥ 512). Smaller ones gain less from a second
-#: thread than the hand-over costs (measured on 2 cores: 2·4096·16·16 flops, 0.09 ms either way).
+#: :func:`rqcore._threads.wide` allows it, i.e. for d ≥ 512). Alone, on 2 cores, a second thread pays
+#: from about 5·10⁶ flops (``(4096, n) × (n, 16)``: 0.12 → 0.13 ms at 2·10⁶, 0.39 → 0.26 ms at 8·10⁶,
+#: 0.83 → 0.46 ms at 2·10⁷); inside the solvers 5·10⁶ and 2·10⁷ were within noise of each other (cold
+#: (4096, 32) 0.89 / 0.86 s, warm (2048, 8) 47 / 55 ms, warm (4096, 8) 204 / 171 ms), so the higher one
+#: stays.
 WIDE_MIN_FLOPS = 2e7
 
 
