@@ -54,9 +54,8 @@ def gemm(
     if c is not None:
         assert c.flags.f_contiguous and c.dtype == blas_gemm.dtype
     if b.shape[0] == 0:  # BLAS rejects k = 0; the product is zero
-        out = np.zeros((m, b.shape[1]), dtype=blas_gemm.dtype, order="F")
         if c is None:
-            return out
+            return np.zeros((m, b.shape[1]), dtype=blas_gemm.dtype, order="F")
         c *= beta
         return c
     kwargs: dict[str, Any] = {"trans_a": int(trans_a)}

@@ -179,6 +179,8 @@ def test_driver_products_are_widened_through_scipy_blas(two_threads, monkeypatch
     real = scipy.linalg.blas.get_blas_funcs
 
     def recording(names, arrays):
+        if tuple(names) != ("gemm",):  # trsm, trmm, gemv: not this helper's calls
+            return real(names, arrays)
         (f,) = real(names, arrays)
 
         def call(alpha, a, b, **kw):
