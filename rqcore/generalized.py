@@ -28,7 +28,12 @@ from rqcore._eigen_kernels import (
     pair_residual_norms,
     residual_thresholds,
 )
-from rqcore._lanczos import KrylovResult, block_lanczos, warm_block_davidson
+from rqcore._lanczos import (
+    _SUBSET_EIGH_MAX_FRACTION,
+    KrylovResult,
+    block_lanczos,
+    warm_block_davidson,
+)
 from rqcore._lobpcg import lobpcg
 from rqcore._threads import caller_threads, driver_threads, wide
 from rqcore._validation import as_float_array, check_finite, check_symmetric
@@ -244,15 +249,24 @@ def _dense_topk(
     """Cholesky reduction (``sygst``) + LAPACK subset eigensolver (``syevr``), back-transformed."""
     d = pencil.dim
     reduced = pencil.reduce(A)
-    index = (d - k, d - 1) if largest else (0, k - 1)
-    values, Y = scipy.linalg.eigh(
-        reduced,
-        lower=True,
-        subset_by_index=index,
-        driver="evr",
-        overwrite_a=True,
-        check_finite=False,
-    )
+    if k > _SUBSET_EIGH_MAX_FRACTION * d:
+        # Divide and conquer on all pairs beats the subset path here (as in the Davidson's projected
+        # problems): d = 512, k = 128, 1 / 2 threads: 33 / 26 ms against 37 / 31 ms.
+        values, Y = scipy.linalg.eigh(
+            reduced, lower=True, driver="evd", overwrite_a=True, check_finite=False
+        )
+        keep = slice(d - k, d) if largest else slice(0, k)
+        values, Y = values[keep], Y[:, keep]
+    else:
+        index = (d - k, d - 1) if largest else (0, k - 1)
+        values, Y = scipy.linalg.eigh(
+            reduced,
+            lower=True,
+            subset_by_index=index,
+            driver="evr",
+            overwrite_a=True,
+            check_finite=False,
+        )
     vectors = pencil.solve_upper(Y)
     if largest:
         values, vectors, Y = values[::-1], vectors[:, ::-1], Y[:, ::-1]

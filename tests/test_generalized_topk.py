@@ -123,6 +123,15 @@ def test_analytic_clustered_and_repeated(method, largest):
     assert np.max(np.abs(res.vectors.T @ M @ res.vectors - np.eye(6))) <= 1e-10
 
 
+@pytest.mark.parametrize("k", [10, 40])  # LAPACK subset (syevr) and all pairs (syevd) branches
+@pytest.mark.parametrize("largest", [True, False])
+def test_dense_subset_and_all_pairs_branches(k, largest):
+    A, B = power_law_pencil(120, seed=4)
+    res = generalized_topk(A, B, k, reg=1e-3, method="dense", largest=largest)
+    assert res.method == "dense"
+    check_result(res, A, reg_M(B, 1e-3), k, largest)
+
+
 @pytest.mark.parametrize("method", ["auto", *METHODS])
 def test_k_equals_d_and_fallback(method):
     A, B = power_law_pencil(40, seed=5)
