@@ -44,11 +44,16 @@ class GeneralizedTopKWarm:
     def setup(self, d: int, k: int) -> None:
         A, B = power_law_pencil(d)
         self.P = Pencil(B, reg=REG)
-        self.v0: Any = generalized_topk(A, self.P, k, tol=TOL, seed=0).vectors
+        self.previous: Any = generalized_topk(A, self.P, k, tol=TOL, seed=0)
+        self.v0: Any = self.previous.vectors
         self.A2 = perturbed(A, d, seed=d + k)
 
     def time_warm(self, d: int, k: int) -> None:
         generalized_topk(self.A2, self.P, k, v0=self.v0, tol=TOL, seed=0)
+
+    def time_warm_from_result(self, d: int, k: int) -> None:
+        # v0 = the previous result (reuses its reduced coordinates); fails on commits before it.
+        generalized_topk(self.A2, self.P, k, v0=self.previous, tol=TOL, seed=0)
 
 
 class GeneralizedTopKThreads:

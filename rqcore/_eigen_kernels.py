@@ -21,6 +21,7 @@ __all__ = [
     "column_norms",
     "convergence_mask",
     "max_abs_column_sum",
+    "mirror_lower_triangle",
     "pair_residual_norms",
     "residual_thresholds",
 ]
@@ -201,3 +202,51 @@ def asymmetry_and_norm(A: NDArray[Any], *, threads: int = 1) -> tuple[float, flo
     a1, s1, c1 = out[0]
     norm = float(np.max(accs[0] + accs[1]))
     return float(max(a0, a1)), float(max(s0, s1)), bool(c0 + c1 == 0.0), norm
+
+
+@njit(fastmath=False, nogil=True)
+def _mirror_tiles(F: Any, column_blocks: Any, bs: int) -> None:
+    # F[j, i] = F[i, j] for i > j, tile by tile: each row of a (bs × bs) tile of the lower triangle is
+    # written as a contiguous column segment of the mirrored tile. Small tiles: at a power-of-two
+    # leading dimension the rows of a tall tile map to the same cache sets.
+    n = F.shape[0]
+    for cb in column_blocks:
+        j0 = cb * bs
+        j1 = min(j0 + bs, n)
+        for i0 in range(j0, n, bs):
+            for i in range(i0, min(i0 + bs, n)):
+                for j in range(j0, min(j1, i)):
+                    F[j, i] = F[i, j]
+
+
+#: Tile size of :func:`mirror_lower_triangle` (d = 4096, 1 thread: 16 → 18 ms, 32 → 26 ms, 64 → 26 ms).
+_MIRROR_TILE = 16
+
+
+def mirror_lower_triangle(F: NDArray[Any], *, threads: int = 1) -> None:
+    """Copy the strictly lower triangle of the square Fortran-ordered ``F`` onto its upper triangle.
+
+    With ``threads ≥ 2`` and ``d ≥ 2048`` the copy runs on two threads (a short-lived Python thread
+    and the caller, each on half of the tiles; d = 4096: 18 → 10 ms).
+    """
+    n = F.shape[0]
+    if n < 2:
+        return
+    nb = -(-n // _MIRROR_TILE)
+    if threads < 2 or n < _TWO_THREAD_MIN_DIM:
+        _mirror_tiles(F, np.arange(nb), _MIRROR_TILE)
+        return
+    # Column block b holds nb − b tiles: pairing b with nb − 1 − b gives equal work per pair.
+    pairs = [(b, nb - 1 - b) for b in range((nb + 1) // 2)]
+    halves = [
+        np.array(sorted({x for pair in part for x in pair}), dtype=np.int64)
+        for part in (pairs[0::2], pairs[1::2])
+    ]
+    worker = threading.Thread(
+        target=_mirror_tiles, args=(F, halves[1], _MIRROR_TILE), name="rqcore-mirror"
+    )
+    worker.start()
+    try:
+        _mirror_tiles(F, halves[0], _MIRROR_TILE)
+    finally:
+        worker.join()

@@ -16,6 +16,7 @@ import scipy.linalg.blas
 import scipy.sparse
 from numpy.typing import NDArray
 
+from rqcore._eigen_kernels import mirror_lower_triangle
 from rqcore._threads import caller_threads, driver_threads, wide
 from rqcore._validation import as_float_array, check_finite, check_positive_int, check_symmetric
 from rqcore.exceptions import RqcoreWarning
@@ -52,7 +53,9 @@ class Pencil:
     dtype : numpy.dtype
         Working precision (float32 or float64, that of ``B``).
     cholesky_factor : (d, d) ndarray or None
-        Lower-triangular ``L`` with ``L Lᵀ = M`` (None for the identity).
+        Lower-triangular ``L`` with ``L Lᵀ = M`` (None for the identity). Built on access (a new
+        array each time): the pencil keeps ``L`` in the lower triangle of an array whose upper
+        triangle serves the solvers.
 
     Raises
     ------
@@ -93,7 +96,9 @@ class Pencil:
             self.B: FloatArray | None = None
             self.reg_used = 0.0
             self.dtype = np.dtype(np.float64)
-            self.cholesky_factor: FloatArray | None = None
+            self._factor: FloatArray | None = None
+            self._factor_cache: FloatArray | None = None
+            self._mirrored = False
             return
         if scipy.sparse.issparse(B):
             warnings.warn(
@@ -127,23 +132,52 @@ class Pencil:
         # B is symmetric: copying Bᵀ (Fortran-ordered when B is C-ordered) is a plain memcpy.
         shifted = np.array(B.T if B.flags.c_contiguous else B, dtype=B.dtype, order="F", copy=True)
         shifted.flat[:: d + 1] += self.reg_used
-        try:
-            # Threads pay for the factorization from d = 512 on (rqcore._threads).
-            with driver_threads(d), wide():
-                self.cholesky_factor = scipy.linalg.cholesky(
-                    shifted, lower=True, overwrite_a=True, check_finite=False
-                )
-        except np.linalg.LinAlgError:
+        (potrf,) = scipy.linalg.get_lapack_funcs(("potrf",), (shifted,))
+        # Threads pay for the factorization from d = 512 on (rqcore._threads).
+        with driver_threads(d), wide():
+            factor, info = potrf(shifted, lower=1, clean=0, overwrite_a=1)
+        if info != 0:
             suggestion = max(10 * reg, 1e-6)
             raise ValueError(
                 f"B + εI is not positive definite (reg={reg:g}, ε={self.reg_used:.3g}); B is singular "
                 f"or indefinite. Pass reg > 0 (e.g. reg={suggestion:g}) or check that B is a covariance."
-            ) from None
+            )
+        self._factor = factor
+        self._factor_cache = None
+        self._mirrored = False  # upper triangle: what potrf left there until _mirror() copies Lᵀ
 
     @property
     def is_identity(self) -> bool:
         """True when the pencil stands for the standard problem (``M = I``)."""
         return self.B is None
+
+    def _mirror(self) -> None:
+        """Copy ``Lᵀ`` onto the factor's upper triangle (once, on the first block solve with ``Lᵀ``).
+
+        Solves and products with ``Lᵀ`` then run as non-transposed BLAS calls on the upper triangle,
+        10-25 % faster than transposed calls on the lower one (``trsm`` at d = 4096, 16 columns:
+        7.8 vs 10.5 ms on 2 threads, 11.7 vs 13.8 ms on 1); the copy costs about one such call
+        (d = 4096: 18 ms on 1 thread, 10 ms on 2), so single-vector runs, which gain nothing
+        (``trsv`` is as fast transposed), do not pay it.
+        """
+        if self._factor is None or self._mirrored:
+            return
+        mirror_lower_triangle(self._factor, threads=caller_threads())
+        self._factor_cache = None
+        self._mirrored = True
+
+    def _upper_operand(self, dtype: np.dtype[Any]) -> tuple[FloatArray, int, int]:
+        """``(F, lower, trans)`` for BLAS calls with ``Lᵀ``: the upper triangle once mirrored, else
+        the transposed lower triangle."""
+        F = self._factor_f(dtype)
+        return (F, 0, 0) if self._mirrored else (F, 1, 1)
+
+    @property
+    def cholesky_factor(self) -> FloatArray | None:
+        """Lower-triangular ``L`` with ``L Lᵀ = M`` (a new array; None for the identity)."""
+        if self._factor is None:
+            return None
+        return np.tril(self._factor)
 
     def __repr__(self) -> str:
         kind = "identity" if self.is_identity else f"dtype={self.dtype.name}"
@@ -157,24 +191,25 @@ class Pencil:
 
     def solve(self, X: FloatArray) -> FloatArray:
         """Return ``M⁻¹ X`` using the stored Cholesky factor."""
-        if self.cholesky_factor is None:
+        if self._factor is None:
             return np.array(X, copy=True)
-        return scipy.linalg.cho_solve((self.cholesky_factor, True), X, check_finite=False)
+        # LAPACK potrs reads the lower triangle only.
+        return scipy.linalg.cho_solve((self._factor, True), X, check_finite=False)
 
     def solve_lower(self, X: FloatArray) -> FloatArray:
         """Return ``L⁻¹ X`` (forward substitution)."""
-        if self.cholesky_factor is None:
+        if self._factor is None:
             return np.array(X, copy=True)
-        return scipy.linalg.solve_triangular(
-            self.cholesky_factor, X, lower=True, check_finite=False
-        )
+        return scipy.linalg.solve_triangular(self._factor, X, lower=True, check_finite=False)
 
     def solve_upper(self, X: FloatArray) -> FloatArray:
         """Return ``L⁻ᵀ X`` (back substitution); maps reduced-problem vectors back to the pencil's."""
-        if self.cholesky_factor is None:
+        if self._factor is None:
             return np.array(X, copy=True)
+        if self._mirrored:  # the upper triangle holds Lᵀ: a non-transposed solve
+            return scipy.linalg.solve_triangular(self._factor, X, lower=False, check_finite=False)
         return scipy.linalg.solve_triangular(
-            self.cholesky_factor, X, lower=True, trans="T", check_finite=False
+            self._factor, X, lower=True, trans="T", check_finite=False
         )
 
     def reduce(self, A: FloatArray) -> FloatArray:
@@ -183,13 +218,13 @@ class Pencil:
         The reduced matrix has the pencil's eigenvalues; its eigenvectors ``y`` map back by
         ``v = L⁻ᵀ y``, which makes them ``M``-orthonormal.
         """
-        if self.cholesky_factor is None:
+        if self._factor is None:
             return np.array(A, dtype=self.dtype if A.dtype != np.float32 else A.dtype, copy=True)
         dtype = np.result_type(A.dtype, self.dtype)
         (sygst,) = scipy.linalg.get_lapack_funcs(("sygst",), (np.empty(0, dtype=dtype),))
         # A is symmetric: copy Aᵀ (Fortran-ordered when A is C-ordered), a plain memcpy.
         work = np.array(A.T if A.flags.c_contiguous else A, dtype=dtype, order="F", copy=True)
-        factor = self.cholesky_factor.astype(dtype, copy=False)
+        factor = self._factor.astype(dtype, copy=False)  # sygst reads its lower triangle only
         reduced, info = sygst(work, factor, itype=1, lower=1, overwrite_a=1)
         if info != 0:  # pragma: no cover - sygst fails only on invalid arguments
             raise RuntimeError(f"LAPACK sygst failed with info={info}.")
@@ -211,57 +246,54 @@ class Pencil:
             self._one_norm = float(cached)
         return float(cached)
 
+    def _factor_f(self, dtype: np.dtype[Any]) -> FloatArray:
+        """The factor (``L`` in the lower triangle, ``Lᵀ`` in the upper one once mirrored) in
+        ``dtype``, Fortran-ordered for BLAS (a cast copy for another dtype is cached)."""
+        assert self._factor is not None
+        if self._factor.dtype == dtype:
+            return self._factor
+        cache = self._factor_cache
+        if cache is None or cache.dtype != dtype:
+            cache = np.asfortranarray(self._factor, dtype=dtype)
+            self._factor_cache = cache
+        return cache
+
     def _trmm(self, X: FloatArray, *, trans: bool) -> FloatArray:
         """``L X`` (or ``Lᵀ X``) with BLAS ``trmm`` (half the flops of a general product)."""
-        assert self.cholesky_factor is not None
-        factor = self.cholesky_factor
-        dtype = np.result_type(X.dtype, factor.dtype)
+        assert self._factor is not None
+        dtype = np.result_type(X.dtype, self._factor.dtype)
         X2 = np.asarray(X, dtype=dtype)
         vector = X2.ndim == 1
         X2 = np.array(X2[:, None] if vector else X2, dtype=dtype, order="F", copy=True)
         (trmm,) = scipy.linalg.blas.get_blas_funcs(("trmm",), (X2,))
-        out = trmm(
-            1.0, factor.astype(dtype, copy=False), X2, lower=1, trans_a=int(trans), overwrite_b=1
-        )
+        if trans:
+            F, lower, trans_a = self._upper_operand(dtype)
+        else:
+            F, lower, trans_a = self._factor_f(dtype), 1, 0
+        out = trmm(1.0, F, X2, lower=lower, trans_a=trans_a, overwrite_b=1)
         return out[:, 0] if vector else out
 
     def lower_matmul(self, X: FloatArray) -> FloatArray:
         """Return ``L X``: maps reduced-coordinate residuals to the pencil's (``A v − λMv = L r``)."""
-        if self.cholesky_factor is None:
+        if self._factor is None:
             return np.array(X, copy=True)
         return self._trmm(X, trans=False)
 
     def upper_matmul(self, X: FloatArray) -> FloatArray:
         """Return ``Lᵀ X``: maps pencil vectors to reduced coordinates (``y = Lᵀ v``)."""
-        if self.cholesky_factor is None:
+        if self._factor is None:
             return np.array(X, copy=True)
         return self._trmm(X, trans=True)
-
-    def _factor_f(self, dtype: np.dtype[Any]) -> tuple[FloatArray, bool]:
-        """The factor as a Fortran-ordered array for BLAS, and whether it is stored as ``L`` (lower)."""
-        assert self.cholesky_factor is not None
-        cache = getattr(self, "_factor_cache", None)
-        if cache is not None and cache[0].dtype == dtype:
-            return cache
-        factor = self.cholesky_factor.astype(dtype, copy=False)
-        if factor.flags.f_contiguous:
-            cache = (factor, True)
-        elif factor.flags.c_contiguous:
-            cache = (factor.T, False)  # Lᵀ, Fortran-ordered, upper triangular: no copy
-        else:  # pragma: no cover - the factor is always contiguous
-            cache = (np.asfortranarray(factor), True)
-        self._factor_cache: tuple[FloatArray, bool] | None = cache
-        return cache
 
     def _trsm(self, X: FloatArray, *, trans: bool, overwrite: bool = False) -> FloatArray:
         """``L⁻¹ X`` (``trans=False``) or ``L⁻ᵀ X`` with BLAS ``trsm`` on a (d, m) block, no copies
         beyond the result (``overwrite=True`` solves in place when ``X`` is Fortran-ordered)."""
-        F, lower = self._factor_f(np.dtype(X.dtype))
+        if trans:
+            self._mirror()  # block solves with Lᵀ repeat: worth the copy
+        F = self._factor_f(np.dtype(X.dtype))
         (trsm,) = scipy.linalg.blas.get_blas_funcs(("trsm",), (F, X))
-        # F = L (lower) or F = Lᵀ (upper); L⁻ᵀ X = F⁻ᵀ X or F⁻¹ X respectively.
-        return trsm(
-            1.0, F, X, lower=int(lower), trans_a=int(trans == lower), overwrite_b=int(overwrite)
-        )
+        # L⁻¹ X on the lower triangle, L⁻ᵀ X on the upper one (Lᵀ), both non-transposed.
+        return trsm(1.0, F, X, lower=int(not trans), overwrite_b=int(overwrite))
 
     def apply_reduced(self, A: Any, X: FloatArray) -> FloatArray:
         """Return ``L⁻¹ A L⁻ᵀ X`` without forming the reduced matrix (two ``trsm`` around ``A @``).

@@ -20,7 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from rqcore import NullspaceProjector, Pencil, RayleighBasis, gates, generalized_topk
+from rqcore import (
+    GeneralizedEigenResult,
+    NullspaceProjector,
+    Pencil,
+    RayleighBasis,
+    gates,
+    generalized_topk,
+)
 from rqcore_torch._linalg import dense_generalized_topk
 from rqcore_torch.calibration import CalibrationStatistics, _InputCollector, _LayerEntry
 from rqcore_torch.config import PreserveConfig
@@ -185,6 +192,8 @@ class PreservationHandle:
         self.step = int(step)
         self._w0 = w0 if w0 is not None else {t.name: t.effective_weight() for t in self.targets}
         self._pencils: dict[str, Pencil] = {}
+        # The last solve per group: a warm start that also reuses its reduced coordinates.
+        self._results: dict[str, GeneralizedEigenResult] = {}
         self._projectors: dict[str, RayleighBasis | NullspaceProjector] = {}
         self._torch_gates: dict[tuple[str, torch.device, torch.dtype], TorchGate] = {}
         self._hooks: list[Any] = []
@@ -254,9 +263,14 @@ class PreservationHandle:
             if pencil is None:  # factor C_p once per group; refreshes reuse it
                 pencil = self._pencils[group] = Pencil(Cp_np, reg=cfg.reg or 0.0)
             prev = self._projectors.get(group)
-            v0 = prev.vectors if isinstance(prev, RayleighBasis) and prev.rank == k else None
+            last = self._results.get(group)
+            v0: Any = None
+            if last is not None and last.pencil is pencil and last.values.size == k:
+                v0 = last
+            elif isinstance(prev, RayleighBasis) and prev.rank == k:
+                v0 = prev.vectors
             Ct_np = Ct.detach().cpu().numpy()
-            result = generalized_topk(Ct_np, pencil, k, v0=v0)
+            result = self._results[group] = generalized_topk(Ct_np, pencil, k, v0=v0)
             basis = RayleighBasis.from_result(
                 result, A=Ct_np, gains=rule, complement=cfg.complement
             )
@@ -713,6 +727,7 @@ class PreservationHandle:
             if "A" in entry:
                 state["A"] = entry["A"].numpy()
             self._projectors[group] = RayleighBasis.from_state_dict(state, gains=rule)
+            self._results.pop(group, None)  # the next refresh starts from the loaded basis
         self._torch_gates.clear()
 
     def _on_step(self, optimizer: Any) -> None:

@@ -94,3 +94,63 @@ def test_symmetric_product_matches_numpy(order, ncols, dtype, rtol):
     ref = A.astype(np.float64) @ V.astype(np.float64)
     assert out.shape == (80, ncols) and out.dtype == dtype
     np.testing.assert_allclose(out, ref, rtol=0, atol=rtol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("d", [1, 2, 17, 100, 2050])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mirror_lower_triangle(d, threads, dtype):
+    """The upper triangle becomes the transpose of the lower one; the lower triangle is untouched."""
+    from rqcore._eigen_kernels import mirror_lower_triangle
+
+    rng = np.random.default_rng(d)
+    F = np.asfortranarray(rng.standard_normal((d, d)).astype(dtype))
+    lower = np.tril(F)
+    mirror_lower_triangle(F, threads=threads)
+    np.testing.assert_array_equal(np.tril(F), lower)
+    np.testing.assert_array_equal(F, F.T)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-4)])
+@pytest.mark.parametrize("x_dtype", [np.float32, np.float64])
+def test_pencil_triangular_operations(dtype, rtol, x_dtype):
+    """Solves and products with ``L`` and ``Lᵀ`` from the mirrored storage, against NumPy with the
+    factor itself; ``cholesky_factor`` is lower-triangular with ``L Lᵀ = M``."""
+    from rqcore import Pencil
+
+    rng = np.random.default_rng(5)
+    d = 70
+    X = rng.standard_normal((d // 2, d))
+    B = (X.T @ X / d).astype(dtype)  # rank-deficient: needs the shift
+    P = Pencil(B, reg=1e-2)
+    L = P.cholesky_factor
+    assert L.dtype == dtype and np.array_equal(L, np.tril(L))
+    M = B.astype(np.float64) + P.reg_used * np.eye(d)
+    L64 = L.astype(np.float64)
+    np.testing.assert_allclose(L64 @ L64.T, M, rtol=0, atol=10 * rtol * np.abs(M).max())
+    Y = rng.standard_normal((d, 3)).astype(x_dtype)
+    Y64 = Y.astype(np.float64)
+    refs = {
+        "solve_lower": np.linalg.solve(L64, Y64),
+        "solve_upper": np.linalg.solve(L64.T, Y64),
+        "lower_matmul": L64 @ Y64,
+        "upper_matmul": L64.T @ Y64,
+        "solve": np.linalg.solve(L64 @ L64.T, Y64),
+    }
+    # The drivers' block solve works in the block's precision (the factor is cast to it).
+    trsm_rtol = max(rtol, 1e-4 if x_dtype == np.float32 else 0.0)
+    # Before and after the first block solve with Lᵀ has copied Lᵀ onto the upper triangle.
+    for mirrored in (False, True):
+        assert P._mirrored is mirrored
+        for name, ref in refs.items():
+            out = getattr(P, name)(Y)
+            scale = np.abs(ref).max()
+            np.testing.assert_allclose(out, ref, rtol=0, atol=rtol * scale, err_msg=name)
+            np.testing.assert_allclose(  # one vector
+                getattr(P, name)(Y[:, 0]), ref[:, 0], rtol=0, atol=rtol * scale, err_msg=name
+            )
+        for trans, ref in ((False, refs["solve_lower"]), (True, refs["solve_upper"])):
+            out = P._trsm(np.asfortranarray(Y), trans=trans)
+            assert out.dtype == x_dtype
+            np.testing.assert_allclose(out, ref, rtol=0, atol=trsm_rtol * np.abs(ref).max())
+        np.testing.assert_array_equal(P.cholesky_factor, L)

@@ -246,6 +246,72 @@ def _perturbed(A, seed):
     return A + 0.01 * np.linalg.norm(A) / np.linalg.norm(E) * E
 
 
+@pytest.mark.parametrize(
+    ("d", "k", "method", "kwargs"),
+    [
+        (200, 40, "dense", {}),
+        (300, 8, "lanczos", {}),  # single-vector path
+        (600, 40, "lanczos", {}),  # block Lanczos, exact stop
+        (300, 10, "lanczos", {"largest": False}),  # shift-invert, final Rayleigh-Ritz
+        (300, 10, "lobpcg", {}),
+    ],
+)
+def test_result_keeps_reduced_coordinates(d, k, method, kwargs):
+    """Every path stores Lᵀ·vectors (orthonormal) for a warm start from the result."""
+    A, B = power_law_pencil(d, seed=41)
+    res = generalized_topk(A, B, k, reg=1e-3, method=method, seed=0, **kwargs)
+    assert res.method.startswith(method) and res._reduced is not None
+    L = res.pencil.cholesky_factor
+    np.testing.assert_allclose(res._reduced, L.T @ res.vectors, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(res._reduced.T @ res._reduced, np.eye(k), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(("d", "k"), [(600, 40), (300, 10)])  # warm Davidson, single-vector path
+def test_warm_start_from_result_object(d, k):
+    """v0=previous result: no Lᵀv0 product with the same pencil, same pairs as v0=previous.vectors;
+    with another pencil it falls back to the vectors."""
+    A, B = power_law_pencil(d, seed=42)
+    cold = generalized_topk(A, B, k, reg=1e-3, seed=0)
+    A2 = _perturbed(A, 43)
+    pencil = cold.pencil
+    calls = []
+    original = pencil.upper_matmul
+    pencil.upper_matmul = lambda X: calls.append(1) or original(X)
+    try:
+        warm = generalized_topk(A2, pencil, k, v0=cold, seed=0)
+    finally:
+        del pencil.upper_matmul
+    assert not calls
+    check_result(warm, A2, reg_M(B, 1e-3), k, True)
+    assert warm._reduced is not None
+    from_vectors = generalized_topk(A2, pencil, k, v0=cold.vectors, seed=0)
+    atol = 1e3 * EPS * warm.values[0]
+    np.testing.assert_allclose(warm.values, from_vectors.values, rtol=0, atol=atol)
+    assert warm.iterations <= from_vectors.iterations
+    other = generalized_topk(A2, Pencil(B, reg=1e-3), k, v0=cold, seed=0)  # same B, new factor
+    check_result(other, A2, reg_M(B, 1e-3), k, True)
+    np.testing.assert_allclose(other.values, from_vectors.values, rtol=0, atol=atol)
+
+
+def test_orthonormal_start_branches():
+    """The warm start's orthonormalization: one Cholesky-QR pass for a nearly orthonormal block,
+    Householder QR otherwise, None when the triangle is too ill-conditioned to reuse v0."""
+    from rqcore.generalized import _orthonormal_start
+
+    rng = np.random.default_rng(44)
+    Q, _ = np.linalg.qr(rng.standard_normal((200, 12)))
+    near = Q + 1e-4 * rng.standard_normal(Q.shape)
+    scaled = Q * np.linspace(1.0, 5.0, 12)
+    for Y0 in (near, scaled):
+        X0, R = _orthonormal_start(np.asfortranarray(Y0))
+        np.testing.assert_allclose(X0.T @ X0, np.eye(12), rtol=0, atol=1e-13)
+        np.testing.assert_allclose(X0 @ R, Y0, rtol=0, atol=1e-13)
+        assert np.array_equal(R, np.triu(R))
+    dependent = Q.copy()
+    dependent[:, -1] = dependent[:, 0] + 1e-9 * dependent[:, 1]
+    assert _orthonormal_start(np.asfortranarray(dependent)) is None
+
+
 @pytest.mark.parametrize("k", [40, 64])
 def test_warm_davidson_unchanged_A_returns_at_once(k):
     """v0 = converged vectors of the same A: the Rayleigh-Ritz on span(Lᵀv0) is accepted at once."""
