@@ -1142,6 +1142,7 @@ def generalized_topk(
         if reason is not None:
             chosen, used = "dense", f"dense (fallback: {reason})"
 
+    Y: FloatArray | None  # reduced coordinates of the vectors, kept for warm starts
     if chosen == "dense":
         A_dense = _materialize(A, d, work_dtype) if is_operator else A
         with driver_threads(d):
