@@ -65,3 +65,11 @@ def gemm(
         with wide():
             return blas_gemm(alpha, a, b, **kwargs)
     return blas_gemm(alpha, a, b, **kwargs)
+
+
+def solve_right_upper(R: NDArray[Any], X: FloatArray) -> FloatArray:
+    """``X R⁻¹`` for an upper-triangular ``R``, in place when ``X`` is Fortran-ordered of ``X``'s own
+    dtype (right-side ``trsm``: no transposed copies, as ``solve_triangular(R, X.T, trans="T").T``
+    would make). ``R`` is cast to ``X``'s dtype."""
+    (trsm,) = scipy.linalg.blas.get_blas_funcs(("trsm",), (X,))
+    return trsm(1.0, np.asarray(R, dtype=X.dtype), X, side=1, lower=0, overwrite_b=1)

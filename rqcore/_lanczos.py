@@ -24,10 +24,9 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
-import scipy.linalg.blas
 from numpy.typing import NDArray
 
-from rqcore._blas import gemm
+from rqcore._blas import gemm, solve_right_upper
 from rqcore._eigen_kernels import column_norms, convergence_mask
 
 FloatArray = NDArray[np.floating[Any]]
@@ -263,7 +262,6 @@ def _cholqr2(X: FloatArray) -> tuple[FloatArray, NDArray[np.float64]]:
         Q, R = np.linalg.qr(X)
         return Q, np.abs(np.diag(R))
     Q = np.asfortranarray(X / norms.astype(X.dtype))
-    (trsm,) = scipy.linalg.blas.get_blas_funcs(("trsm",), (Q,))
     try:
         Rt = np.eye(X.shape[1])
         for _ in range(2):
@@ -271,8 +269,7 @@ def _cholqr2(X: FloatArray) -> tuple[FloatArray, NDArray[np.float64]]:
             R1 = scipy.linalg.cholesky(G, lower=False, check_finite=False)
             if float(np.min(np.abs(np.diag(R1)))) < 1e-5 * float(np.max(np.abs(np.diag(R1)))):
                 raise np.linalg.LinAlgError
-            # Q ← Q R1⁻¹ in place (right-side trsm on the Fortran block, no transposed copies).
-            Q = trsm(1.0, R1.astype(Q.dtype), Q, side=1, lower=0, overwrite_b=1)
+            Q = solve_right_upper(R1, Q)  # Q ← Q R1⁻¹ in place
             Rt = R1 @ Rt
     except np.linalg.LinAlgError:
         Q, R = np.linalg.qr(X)

@@ -20,7 +20,7 @@ import scipy.sparse
 import scipy.sparse.linalg
 from numpy.typing import NDArray
 
-from rqcore._blas import gemm
+from rqcore._blas import gemm, solve_right_upper
 from rqcore._eigen_kernels import (
     asymmetry_and_norm,
     column_norms,
@@ -258,7 +258,8 @@ def _dense_topk(
             reduced, lower=True, driver="evd", overwrite_a=True, check_finite=False
         )
         keep = slice(d - k, d) if largest else slice(0, k)
-        values, Y = values[keep], Y[:, keep]
+        # A copy: the result keeps Y, which must not hold on to all d eigenvectors.
+        values, Y = values[keep], np.array(Y[:, keep], order="F")
     else:
         index = (d - k, d - 1) if largest else (0, k - 1)
         values, Y = scipy.linalg.eigh(
@@ -544,9 +545,7 @@ def _orthonormal_start(Y0: FloatArray) -> tuple[FloatArray, NDArray[np.float64]]
     k = G.shape[0]
     if float(np.linalg.norm(G - np.eye(k))) <= _CHOLQR_START_MAX_DEVIATION:
         Rc = scipy.linalg.cholesky((G + G.T) / 2, lower=False, check_finite=False)
-        X0 = np.array(Y0, order="F", copy=True)
-        (trsm,) = scipy.linalg.blas.get_blas_funcs(("trsm",), (X0,))
-        return trsm(1.0, Rc.astype(X0.dtype), X0, side=1, lower=0, overwrite_b=1), Rc
+        return solve_right_upper(Rc, np.array(Y0, order="F", copy=True)), Rc
     Q, Rr = np.linalg.qr(Y0)
     diag = np.abs(np.diag(Rr))
     # Reusing v0 needs a well-conditioned R (rounding in v0 R⁻¹ grows with cond(R)).
@@ -585,9 +584,7 @@ def _warm_davidson(
         X0, Rr = start
         Z0 = np.array(v0, dtype=dtype, order="F", copy=True)
         if Rr is not None:
-            # Z0 = v0 R⁻¹ = L⁻ᵀ X0 (v0 = L⁻ᵀ Y0 = L⁻ᵀ X0 R): right-side trsm in place.
-            (trsm,) = scipy.linalg.blas.get_blas_funcs(("trsm",), (Z0,))
-            Z0 = trsm(1.0, Rr.astype(dtype), Z0, side=1, lower=0, overwrite_b=1)
+            Z0 = solve_right_upper(Rr, Z0)  # Z0 = v0 R⁻¹ = L⁻ᵀ X0 (v0 = L⁻ᵀ Y0 = L⁻ᵀ X0 R)
         X0 = np.asfortranarray(X0, dtype=dtype)
         W0 = np.asarray(problem.op_back(Z0), dtype=dtype)
     else:

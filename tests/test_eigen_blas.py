@@ -154,3 +154,17 @@ def test_pencil_triangular_operations(dtype, rtol, x_dtype):
             assert out.dtype == x_dtype
             np.testing.assert_allclose(out, ref, rtol=0, atol=trsm_rtol * np.abs(ref).max())
         np.testing.assert_array_equal(P.cholesky_factor, L)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_solve_right_upper_in_place(dtype, rtol):
+    """``X R⁻¹`` by a right-side ``trsm``, in place on a Fortran-ordered block."""
+    from rqcore._blas import solve_right_upper
+
+    rng = np.random.default_rng(6)
+    R = np.triu(rng.standard_normal((7, 7))) + 4 * np.eye(7)
+    X = np.asfortranarray(rng.standard_normal((50, 7)).astype(dtype))
+    ref = X.astype(np.float64) @ np.linalg.inv(R)
+    out = solve_right_upper(R, X)
+    assert out.dtype == dtype and np.shares_memory(out, X)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=rtol * np.abs(ref).max())
