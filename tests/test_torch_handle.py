@@ -72,7 +72,17 @@ def test_hard_gate_blocks_gated_off_directions_exactly():
     handle.remove()
 
 
-def test_refresh_warm_started_and_eval_does_not_track():
+def test_refresh_warm_started_and_eval_does_not_track(monkeypatch):
+    import rqcore_torch.handle as handle_module
+
+    starts = []
+    solve = handle_module.generalized_topk
+
+    def spy(A, B, k, **kwargs):
+        starts.append(kwargs.get("v0"))
+        return solve(A, B, k, **kwargs)
+
+    monkeypatch.setattr(handle_module, "generalized_topk", spy)
     model, calib, task = anisotropic_mlp_setup()
     handle = preserve(
         model,
@@ -95,6 +105,18 @@ def test_refresh_warm_started_and_eval_does_not_track():
     assert handle.step == 5 and handle.projector("0") is not first
     assert handle._pencils[handle.statistics.layers["0"].group] is pencil  # C_p not refactored
     assert opt.layers[0].gate is handle.layer_gates()[0].gate
+    # Every refresh starts from the last result of its group
+    # (its reduced coordinates are reused with the same pencil).
+    group = handle.statistics.layers["0"].group
+    last = handle._results[group]
+    assert last.pencil is pencil
+    from rqcore import GeneralizedEigenResult
+
+    n = len(handle.groups)
+    assert starts[:n] == [None] * n  # the solves at preserve()
+    assert all(isinstance(v0, GeneralizedEigenResult) for v0 in starts[n:])
+    _train(model, opt, task, steps=5)
+    assert handle.step == 10 and sum(v0 is last for v0 in starts[-len(handle.groups) :]) == 1
 
 
 def test_report_plot_and_remove(tmp_path):
