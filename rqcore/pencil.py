@@ -97,7 +97,7 @@ class Pencil:
             self.reg_used = 0.0
             self.dtype = np.dtype(np.float64)
             self._factor: FloatArray | None = None
-            self._factor_cache: FloatArray | None = None
+            self._factor_cache: tuple[FloatArray, bool] | None = None
             self._mirrored = False
             return
         if scipy.sparse.issparse(B):
@@ -162,15 +162,16 @@ class Pencil:
         """
         if self._factor is None or self._mirrored:
             return
+        # Race-free without a lock: the lower triangle never changes, the flag is set only once the
+        # copy is complete, and a concurrent second copy writes the same values.
         mirror_lower_triangle(self._factor, threads=caller_threads())
-        self._factor_cache = None
         self._mirrored = True
 
     def _upper_operand(self, dtype: np.dtype[Any]) -> tuple[FloatArray, int, int]:
         """``(F, lower, trans)`` for BLAS calls with ``Lᵀ``: the upper triangle once mirrored, else
         the transposed lower triangle."""
-        F = self._factor_f(dtype)
-        return (F, 0, 0) if self._mirrored else (F, 1, 1)
+        F, upper_ready = self._factor_f(dtype)
+        return (F, 0, 0) if upper_ready else (F, 1, 1)
 
     @property
     def cholesky_factor(self) -> FloatArray | None:
@@ -246,15 +247,16 @@ class Pencil:
             self._one_norm = float(cached)
         return float(cached)
 
-    def _factor_f(self, dtype: np.dtype[Any]) -> FloatArray:
-        """The factor (``L`` in the lower triangle, ``Lᵀ`` in the upper one once mirrored) in
-        ``dtype``, Fortran-ordered for BLAS (a cast copy for another dtype is cached)."""
+    def _factor_f(self, dtype: np.dtype[Any]) -> tuple[FloatArray, bool]:
+        """The factor in ``dtype``, Fortran-ordered for BLAS (a cast copy for another dtype is
+        cached), and whether its upper triangle holds ``Lᵀ`` (its lower one always holds ``L``)."""
         assert self._factor is not None
+        mirrored = self._mirrored  # read before the copy: a copy made after it is complete
         if self._factor.dtype == dtype:
-            return self._factor
+            return self._factor, mirrored
         cache = self._factor_cache
-        if cache is None or cache.dtype != dtype:
-            cache = np.asfortranarray(self._factor, dtype=dtype)
+        if cache is None or cache[0].dtype != dtype or (mirrored and not cache[1]):
+            cache = (np.asfortranarray(self._factor, dtype=dtype), mirrored)
             self._factor_cache = cache
         return cache
 
@@ -269,7 +271,7 @@ class Pencil:
         if trans:
             F, lower, trans_a = self._upper_operand(dtype)
         else:
-            F, lower, trans_a = self._factor_f(dtype), 1, 0
+            F, lower, trans_a = self._factor_f(dtype)[0], 1, 0
         out = trmm(1.0, F, X2, lower=lower, trans_a=trans_a, overwrite_b=1)
         return out[:, 0] if vector else out
 
@@ -290,10 +292,12 @@ class Pencil:
         beyond the result (``overwrite=True`` solves in place when ``X`` is Fortran-ordered)."""
         if trans:
             self._mirror()  # block solves with Lᵀ repeat: worth the copy
-        F = self._factor_f(np.dtype(X.dtype))
+            F, lower, trans_a = self._upper_operand(np.dtype(X.dtype))
+        else:
+            F, lower, trans_a = self._factor_f(np.dtype(X.dtype))[0], 1, 0
         (trsm,) = scipy.linalg.blas.get_blas_funcs(("trsm",), (F, X))
-        # L⁻¹ X on the lower triangle, L⁻ᵀ X on the upper one (Lᵀ), both non-transposed.
-        return trsm(1.0, F, X, lower=int(not trans), overwrite_b=int(overwrite))
+        # L⁻¹ X on the lower triangle, L⁻ᵀ X on the upper one (Lᵀ), both non-transposed once mirrored.
+        return trsm(1.0, F, X, lower=lower, trans_a=trans_a, overwrite_b=int(overwrite))
 
     def apply_reduced(self, A: Any, X: FloatArray) -> FloatArray:
         """Return ``L⁻¹ A L⁻ᵀ X`` without forming the reduced matrix (two ``trsm`` around ``A @``).
