@@ -156,7 +156,8 @@ def _asymmetry_norm_blocks(A: Any, row_blocks: Any, acc: Any) -> tuple[float, fl
 
 
 #: From this dimension on, ``asymmetry_and_norm(A, threads=2)`` splits the pass over two threads
-#: (d = 4096: 30 → 16 ms; the pass is memory-bound and one core does not saturate the memory bus).
+#: (d = 4096: 30 → 16 ms when introduced, 32–35 → 23–27 ms in later runs; one core does not saturate
+#: the memory bus).
 _TWO_THREAD_MIN_DIM = 2048
 
 

@@ -45,6 +45,13 @@ class KrylovResult:
     V: FloatArray | None = None  # L⁻ᵀ Y when the operator reports it (saves the back-transform)
 
 
+def _project_out(V: FloatArray, X: FloatArray) -> FloatArray:
+    """``X − V(VᵀX)`` in place on a Fortran-ordered copy of ``X`` if needed (two ``gemm``)."""
+    X = np.asfortranarray(X)
+    gemm(V, gemm(V, X, trans_a=True), alpha=-1.0, beta=1.0, c=X)
+    return X
+
+
 def _orthonormalize_against(
     V: FloatArray, Z: FloatArray, rng: np.random.Generator, scale: float
 ) -> FloatArray:
@@ -63,8 +70,7 @@ def _orthonormalize_against(
             Q[:, tiny] = rng.standard_normal((Q.shape[0], int(tiny.sum()))).astype(Q.dtype)
         for _ in range(2):  # cancellation: project again, then re-normalize
             if V.shape[1]:
-                Q = np.asfortranarray(Q)
-                gemm(V, gemm(V, Q, trans_a=True), alpha=-1.0, beta=1.0, c=Q)
+                Q = _project_out(V, Q)
             Q, _ = np.linalg.qr(Q)
     return Q
 
@@ -235,16 +241,19 @@ _SUBSET_EIGH_MAX_FRACTION = 0.2
 
 
 def _wanted_eigh(
-    H: NDArray[np.float64], p: int, largest: bool
-) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """The ``p`` eigenpairs of the symmetric ``H`` at the wanted end, the extreme one first."""
+    H: NDArray[Any], p: int, largest: bool, *, overwrite: bool = False
+) -> tuple[NDArray[Any], NDArray[Any]]:
+    """The ``p`` eigenpairs of the symmetric ``H`` (its lower triangle) at the wanted end, the extreme
+    one first; the vectors are a ``(n, p)`` array (never a view of all ``n``)."""
     n = H.shape[0]
     if p > _SUBSET_EIGH_MAX_FRACTION * n:
-        vals, S = scipy.linalg.eigh(H, driver="evd", check_finite=False)
+        vals, S = scipy.linalg.eigh(H, driver="evd", overwrite_a=overwrite, check_finite=False)
         idx = np.arange(n - 1, n - p - 1, -1) if largest else np.arange(p)
         return vals[idx], S[:, idx]
     index = (n - p, n - 1) if largest else (0, p - 1)
-    vals, S = scipy.linalg.eigh(H, subset_by_index=index, driver="evr", check_finite=False)
+    vals, S = scipy.linalg.eigh(
+        H, subset_by_index=index, driver="evr", overwrite_a=overwrite, check_finite=False
+    )
     if largest:
         vals, S = vals[::-1], S[:, ::-1]
     return vals, S
@@ -378,9 +387,7 @@ def warm_block_davidson(
             break
         # R ⟂ V in exact arithmetic (Vᵀ R = H S − S Θ = 0): one projection removes the rounding.
         Vn = V[:, :n]
-        Rn = np.asfortranarray(R[:, bad])
-        gemm(Vn, gemm(Vn, Rn, trans_a=True), alpha=-1.0, beta=1.0, c=Rn)
-        Q, diag = _cholqr2(Rn)
+        Q, diag = _cholqr2(_project_out(Vn, R[:, bad]))
         top = float(diag.max()) if diag.size else 0.0
         keep = diag > 1e3 * eps * max(top, 1e-300)
         if not keep.any():  # residuals inside the basis (rounding): expand at random instead
@@ -390,9 +397,7 @@ def warm_block_davidson(
             # Dropped or nearly dependent columns: project again and re-orthonormalize (twice).
             Q = Q[:, keep] if keep.any() else Q
             for _ in range(2):
-                Q = np.asfortranarray(Q)
-                gemm(Vn, gemm(Vn, Q, trans_a=True), alpha=-1.0, beta=1.0, c=Q)
-                Q, _ = np.linalg.qr(Q)
+                Q, _ = np.linalg.qr(_project_out(Vn, Q))
         if n + Q.shape[1] > maxbasis:
             # Thick restart onto the wanted Ritz vectors plus a margin (the residuals stay ⟂).
             p = min(n, nwant + max(nwant // 2, 16), maxbasis - Q.shape[1])

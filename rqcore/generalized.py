@@ -28,12 +28,7 @@ from rqcore._eigen_kernels import (
     pair_residual_norms,
     residual_thresholds,
 )
-from rqcore._lanczos import (
-    _SUBSET_EIGH_MAX_FRACTION,
-    KrylovResult,
-    block_lanczos,
-    warm_block_davidson,
-)
+from rqcore._lanczos import KrylovResult, _wanted_eigh, block_lanczos, warm_block_davidson
 from rqcore._lobpcg import lobpcg
 from rqcore._threads import caller_threads, driver_threads, wide
 from rqcore._validation import as_float_array, check_finite, check_symmetric
@@ -170,11 +165,19 @@ def pair_residuals(
     a_norm, m_norm = norms
     AV = np.asarray(A @ V, dtype=np.float64)
     MV = np.asarray(pencil.matvec(V.astype(pencil.dtype, copy=False)), dtype=np.float64)
+    return _residual_measures(AV, MV, lam, V, (a_norm, m_norm))
+
+
+def _residual_measures(
+    AV: Any, MV: Any, values: Any, V: Any, norms: tuple[float, float]
+) -> NDArray[np.float64]:
+    """The measure of :func:`pair_residuals` from the products ``AV`` and ``MV`` (0 for ``v = 0``)."""
+    lam = np.asarray(values, dtype=np.float64)
+    a_norm, m_norm = norms
     numerator = pair_residual_norms(AV, MV, lam)
     denominator = (a_norm + np.abs(lam) * m_norm) * column_norms(V)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), 0.0)
-    return out
+        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), 0.0)
 
 
 _METHODS = ("auto", "dense", "lanczos", "lobpcg")
@@ -248,31 +251,14 @@ def _materialize(A: Any, d: int, dtype: np.dtype[Any]) -> FloatArray:
 def _dense_topk(
     A: FloatArray, pencil: Pencil, k: int, largest: bool
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Cholesky reduction (``sygst``) + LAPACK subset eigensolver (``syevr``), back-transformed."""
-    d = pencil.dim
-    reduced = pencil.reduce(A)
-    if k > _SUBSET_EIGH_MAX_FRACTION * d:
-        # Divide and conquer on all pairs beats the subset path here (as in the Davidson's projected
-        # problems): d = 512, k = 128, 1 / 2 threads: 33 / 26 ms against 37 / 31 ms.
-        values, Y = scipy.linalg.eigh(
-            reduced, lower=True, driver="evd", overwrite_a=True, check_finite=False
-        )
-        keep = slice(d - k, d) if largest else slice(0, k)
-        # A copy: the result keeps Y, which must not hold on to all d eigenvectors.
-        values, Y = values[keep], np.array(Y[:, keep], order="F")
-    else:
-        index = (d - k, d - 1) if largest else (0, k - 1)
-        values, Y = scipy.linalg.eigh(
-            reduced,
-            lower=True,
-            subset_by_index=index,
-            driver="evr",
-            overwrite_a=True,
-            check_finite=False,
-        )
+    """Cholesky reduction (``sygst``) + LAPACK on the reduced matrix, back-transformed.
+
+    The subset eigensolver (``syevr``), or divide and conquer on all pairs (``syevd``) when more than a
+    fifth are wanted, the Davidson's rule (:func:`rqcore._lanczos._wanted_eigh`; d = 512, k = 128,
+    1 / 2 threads: 33 / 26 ms against 37 / 31 ms).
+    """
+    values, Y = _wanted_eigh(pencil.reduce(A), k, largest, overwrite=True)
     vectors = pencil.solve_upper(Y)
-    if largest:
-        values, vectors, Y = values[::-1], vectors[:, ::-1], Y[:, ::-1]
     return np.ascontiguousarray(values), np.ascontiguousarray(vectors), Y
 
 
@@ -672,11 +658,7 @@ def _finalize(
     S = S.astype(V.dtype)
     V, AV, MV = gemm(V, S), gemm(AV, S), gemm(MV, S)
     Y_rot = gemm(np.asfortranarray(Y, dtype=V.dtype), S)
-    a_norm, m_norm = norms
-    numerator = pair_residual_norms(AV, MV, w)
-    denominator = (a_norm + np.abs(w) * m_norm) * column_norms(V)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        res = np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), 0.0)
+    res = _residual_measures(AV, MV, w, V, norms)
     return np.ascontiguousarray(w, dtype=V.dtype), np.ascontiguousarray(V), res, Y_rot
 
 
@@ -1161,12 +1143,7 @@ def generalized_topk(
                 norms=None if a_norm is None else (a_norm, pencil.one_norm),
             )
         else:
-            numerator = pair_residual_norms(AV, MV, np.asarray(values, dtype=np.float64))
-            denominator = (a_norm + np.abs(values) * pencil.one_norm) * column_norms(vectors)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                residuals = np.where(
-                    denominator > 0, numerator / np.where(denominator > 0, denominator, 1), 0.0
-                )
+            residuals = _residual_measures(AV, MV, values, vectors, (a_norm, pencil.one_norm))
         iterations = 0
         converged = True
     else:

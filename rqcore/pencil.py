@@ -155,8 +155,9 @@ class Pencil:
         """Copy ``Lᵀ`` onto the factor's upper triangle (once, on the first block solve with ``Lᵀ``).
 
         Solves and products with ``Lᵀ`` then run as non-transposed BLAS calls on the upper triangle,
-        10-25 % faster than transposed calls on the lower one (``trsm`` at d = 4096, 16 columns:
-        7.8 vs 10.5 ms on 2 threads, 11.7 vs 13.8 ms on 1); the copy costs about one such call
+        4-26 % faster than transposed calls on the lower one, most for narrow blocks (``trsm`` at
+        d = 4096, 16 columns: 7.8 vs 10.5 ms on 2 threads, 11.7 vs 13.8 ms on 1; 128 columns: 48.2
+        vs 50.4 ms on 1); the copy costs about one such call
         (d = 4096: 18 ms on 1 thread, 10 ms on 2), so single-vector runs, which gain nothing
         (``trsv`` is as fast transposed), do not pay it.
         """
