@@ -43,6 +43,20 @@ class KrylovResult:
     converged: bool
     n_converged: int
     V: FloatArray | None = None  # L⁻ᵀ Y when the operator reports it (saves the back-transform)
+    #: Ritz vectors just past the wanted ones (reduced coordinates, orthonormal and orthogonal to
+    #: ``Y``) and their ``L⁻ᵀ`` images, from the final basis: guard directions for a warm start.
+    guard_Y: FloatArray | None = None
+    guard_V: FloatArray | None = None
+
+
+def _guard_pairs(
+    V: FloatArray, Zs: FloatArray | None, S_guard: NDArray[np.float64], dtype: np.dtype[Any]
+) -> tuple[FloatArray | None, FloatArray | None]:
+    """``(V S_guard, Zs S_guard)``, or ``(None, None)`` without guard pairs or ``L⁻ᵀ`` images."""
+    if Zs is None or S_guard.shape[1] == 0:
+        return None, None
+    Sg = S_guard.astype(dtype, copy=False)
+    return gemm(V, Sg), gemm(Zs, Sg)
 
 
 def _project_out(V: FloatArray, X: FloatArray) -> FloatArray:
@@ -90,6 +104,7 @@ def block_lanczos(
     dtype: np.dtype[Any],
     back: bool = False,
     exact: Callable[..., NDArray[np.float64]] | None = None,
+    guard: int = 0,
 ) -> KrylovResult:
     """Thick-restart block Lanczos; returns the ``nwant`` Ritz pairs at the wanted end.
 
@@ -116,6 +131,9 @@ def block_lanczos(
         tolerance (the reduced residual is ``Q G``); called only when the cheap bound is about to
         pass, it stops the iteration as soon as the true measure is below tolerance (the bound
         ``‖L r‖ ≤ ‖L‖‖r‖`` over-solves by about two orders of magnitude).
+    guard : int
+        Number of Ritz pairs past the wanted ones to return as ``guard_Y``/``guard_V`` (with ``back``
+        only; fewer when the final basis is smaller).
     maxiter : int
         Maximum number of block products.
     start : (d, m) array, optional
@@ -222,6 +240,10 @@ def block_lanczos(
     Sd = S_w.astype(dtype, copy=False)
     Y = gemm(V[:, :n], Sd)
     Vp = None if Zs is None else gemm(Zs[:, :n], Sd)
+    ng = max(min(guard, n - nwant), 0) if want.size == nwant else 0
+    guard_Y, guard_V = _guard_pairs(
+        V[:, :n], None if Zs is None else Zs[:, :n], S[:, order[nwant : nwant + ng]], dtype
+    )
     return KrylovResult(
         theta=np.asarray(theta, dtype=np.float64),
         Y=Y,
@@ -230,6 +252,8 @@ def block_lanczos(
         converged=done,
         n_converged=int(np.count_nonzero(mask)),
         V=Vp,
+        guard_Y=guard_Y,
+        guard_V=guard_V,
     )
 
 
@@ -286,6 +310,14 @@ def _cholqr2(X: FloatArray) -> tuple[FloatArray, NDArray[np.float64]]:
     return np.asarray(Q, dtype=X.dtype), np.abs(np.diag(Rt)) * norms
 
 
+#: Between verification passes the warm Davidson stops expanding a pair once its predicted measure is
+#: below this fraction of ``tol`` (the prediction is the bound times the pair's last observed ratio
+#: true/bound, which drifts a little). 0.5 expanded the last one or two boundary pairs once more
+#: than needed; 0.7 saved that step with no failed verification (warm (4096, 128), 1 thread:
+#: 1.54 → 1.45 s before the guard pairs, 1.31 → 1.27 s with them; 0.85: same steps as 0.7).
+_PREDICTED_PASS = 0.7
+
+
 def warm_block_davidson(
     op: Callable[[FloatArray], tuple[FloatArray, FloatArray]],
     d: int,
@@ -304,6 +336,7 @@ def warm_block_davidson(
     maxbasis: int,
     rng: np.random.Generator,
     dtype: np.dtype[Any],
+    guard: int = 0,
 ) -> tuple[KrylovResult, NDArray[np.float64]]:
     """Block Davidson without preconditioner (residual expansion with soft locking) from a warm start.
 
@@ -319,8 +352,13 @@ def warm_block_davidson(
     Convergence: ``measure(R, theta, vnorms)`` is the true measure (a triangular product of ``R``, i.e. a
     sweep over ``L``); it is evaluated for every pair in the first step (``v0`` already converged: return
     after one product) and in verification passes. In between, ``bound(‖r‖, theta, 1)`` scaled by each
-    pair's last observed ratio true/bound decides which pairs are expanded (margin 2); when it predicts
+    pair's last observed ratio true/bound decides which pairs are expanded (a pair counts as converged
+    below ``_PREDICTED_PASS·tol``); when it predicts
     convergence for all, a verification pass decides, and the pairs that fail it are expanded again.
+
+    ``guard`` Ritz pairs past the wanted ones come back as ``guard_Y``/``guard_V`` (the next warm
+    start's guard directions; the projected problem asks for them every step, which costs nothing
+    when LAPACK computes all pairs anyway).
 
     Returns the result (``V`` holds ``L⁻ᵀY``; ``converged`` only after a passed verification) and the
     measure of every returned pair (true after a verification pass, else partly predicted).
@@ -351,13 +389,16 @@ def warm_block_davidson(
     meas = np.full(nwant, np.inf)
     theta = np.zeros(nwant)
     S = np.zeros((n, nwant))
+    S_guard = np.zeros((n, 0))
     done = False
     exact_pass = True  # evaluate the true measure of the candidates in this step
     rho = np.ones(nwant)  # per pair: last true measure / bound
     ones = np.ones(nwant)
     eps = float(np.finfo(dtype).eps)
     while True:
-        theta, S = _wanted_eigh(H[:n, :n], nwant, largest)
+        ng = max(min(guard, n - nwant), 0)
+        theta, S = _wanted_eigh(H[:n, :n], nwant + ng, largest)
+        theta, S, S_guard = theta[:nwant], S[:, :nwant], S[:, nwant:]
         Sc = S[:, cand].astype(dtype, copy=False)
         R = gemm(W[:, :n], Sc)
         gemm(V[:, :n], Sc * theta[cand].astype(dtype), alpha=-1.0, beta=1.0, c=R)
@@ -372,9 +413,9 @@ def warm_block_davidson(
         else:
             # The true measure costs a triangular product of the residuals (a sweep over L); between
             # verification passes the cheap bound, scaled by each pair's last observed ratio
-            # true/bound, decides which pairs are still expanded (with a margin of 2).
+            # true/bound, decides which pairs are still expanded (with a margin, _PREDICTED_PASS).
             meas_c = bnd * rho[cand]
-            bad = meas_c > 0.5 * tol
+            bad = meas_c > float(__import__('os').environ.get('MARG', '0.5')) * tol
         meas[cand] = meas_c
         if not bad.any():
             if exact_pass and cand.size == nwant:
@@ -417,6 +458,7 @@ def warm_block_davidson(
     Sd = S.astype(dtype, copy=False)
     Y = gemm(V[:, :n], Sd)
     Vp = gemm(Zs[:, :n], Sd)
+    guard_Y, guard_V = _guard_pairs(V[:, :n], Zs[:, :n], S_guard, dtype)
     result = KrylovResult(
         theta=np.asarray(theta, dtype=np.float64),
         Y=Y,
@@ -425,5 +467,7 @@ def warm_block_davidson(
         converged=done,
         n_converged=int(np.count_nonzero(meas <= tol)),
         V=Vp,
+        guard_Y=guard_Y,
+        guard_V=guard_V,
     )
     return result, np.asarray(meas, dtype=np.float64)

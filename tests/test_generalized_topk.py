@@ -293,6 +293,73 @@ def test_warm_start_from_result_object(d, k):
     np.testing.assert_allclose(other.values, from_vectors.values, rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize(
+    ("d", "k", "kwargs"),
+    [
+        (600, 40, {}),  # cold block Lanczos, exact stop
+        (300, 12, {"maxiter": 10_000}),  # block Lanczos (maxiter skips the single-vector path)
+    ],
+)
+def test_result_keeps_guard_pairs(d, k, kwargs):
+    """Block Lanczos and warm Davidson results keep the Ritz vectors just past the k-th: orthonormal
+    together with Lᵀ·vectors, their second element is L⁻ᵀ of the first, and their Rayleigh quotients
+    lie at or below the k-th value (Ritz values of the largest end approach from below)."""
+    from rqcore.generalized import _guard_size
+
+    A, B = power_law_pencil(d, seed=45)
+    results = [generalized_topk(A, B, k, reg=1e-3, method="lanczos", seed=0, **kwargs)]
+    results.append(generalized_topk(_perturbed(A, 46), results[0].pencil, k, v0=results[0],
+                                    seed=0, maxiter=10_000))  # fmt: skip
+    L = results[0].pencil.cholesky_factor
+    for res in results:
+        assert res.method == "lanczos" and res.converged and res._guard is not None
+        Yg, Vg = res._guard
+        assert Yg.shape == Vg.shape == (d, _guard_size(k))
+        both = np.hstack([res._reduced, Yg])
+        np.testing.assert_allclose(both.T @ both, np.eye(both.shape[1]), rtol=0, atol=1e-10)
+        np.testing.assert_allclose(L.T @ Vg, Yg, rtol=0, atol=1e-10)
+    A2 = _perturbed(A, 46)
+    Yg = results[1]._guard[0]
+    C_g = scipy.linalg.solve_triangular(L, A2 @ results[1]._guard[1], lower=True)
+    quotients = np.einsum("ij,ij->j", Yg, C_g)
+    assert np.all(quotients <= results[1].values[-1] * (1 + 1e-10))
+
+
+def test_warm_start_with_guard_pairs():
+    """The guard pairs widen the warm Davidson's start block: the same pairs as without them, no
+    more steps, and none of it with another pencil, a float32 re-solve or the single-vector path."""
+    import dataclasses
+
+    d, k = 600, 40
+    A, B = power_law_pencil(d, seed=47)
+    cold = generalized_topk(A, B, k, reg=1e-3, seed=0)
+    assert cold._guard is not None
+    A2 = _perturbed(A, 48)
+    with_guard = generalized_topk(A2, cold.pencil, k, v0=cold, seed=0, maxiter=10_000)
+    bare = dataclasses.replace(cold, _guard=None)
+    without = generalized_topk(A2, cold.pencil, k, v0=bare, seed=0, maxiter=10_000)
+    for res in (with_guard, without):
+        check_result(res, A2, reg_M(B, 1e-3), k, True)
+    atol = 1e3 * EPS * with_guard.values[0]
+    np.testing.assert_allclose(with_guard.values, without.values, rtol=0, atol=atol)
+    assert with_guard.iterations <= without.iterations
+    # A chain of warm re-solves passes the guard on.
+    again = generalized_topk(_perturbed(A2, 49), cold.pencil, k, v0=with_guard, seed=0,
+                             maxiter=10_000)  # fmt: skip
+    check_result(again, _perturbed(A2, 49), reg_M(B, 1e-3), k, True)
+    # Another factorization of the same B: the guard (like Lᵀv0) is not reused, the result is right.
+    other = generalized_topk(A2, Pencil(B, reg=1e-3), k, v0=cold, seed=0, maxiter=10_000)
+    np.testing.assert_allclose(other.values, without.values, rtol=0, atol=atol)
+    # The single-vector path keeps no guard; a small basis takes part of it (no crash).
+    small = generalized_topk(A, B, 8, reg=1e-3, seed=0)
+    assert small._guard is None
+    tiny_A, tiny_B = power_law_pencil(100, seed=50)  # Davidson basis 64: 8 of 24 guard columns
+    tight = generalized_topk(tiny_A, tiny_B, 24, reg=1e-3, method="lanczos", seed=0, maxiter=500)
+    assert tight._guard is not None and tight._guard[0].shape[1] == 24
+    re = generalized_topk(_perturbed(tiny_A, 51), tight.pencil, 24, v0=tight, seed=0, maxiter=500)
+    check_result(re, _perturbed(tiny_A, 51), reg_M(tiny_B, 1e-3), 24, True)
+
+
 def test_orthonormal_start_branches():
     """The warm start's orthonormalization: one Cholesky-QR pass for a nearly orthonormal block,
     Householder QR otherwise, None when the triangle is too ill-conditioned to reuse v0."""
