@@ -415,7 +415,7 @@ def warm_block_davidson(
             # verification passes the cheap bound, scaled by each pair's last observed ratio
             # true/bound, decides which pairs are still expanded (with a margin, _PREDICTED_PASS).
             meas_c = bnd * rho[cand]
-            bad = meas_c > float(__import__('os').environ.get('MARG', '0.5')) * tol
+            bad = meas_c > _PREDICTED_PASS * tol
         meas[cand] = meas_c
         if not bad.any():
             if exact_pass and cand.size == nwant:

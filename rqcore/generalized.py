@@ -1018,7 +1018,10 @@ def generalized_topk(
         Rayleigh-Ritz on it is accepted at once when every pair is already below ``tol``. Passing the
         previous result itself (``v0=previous``) starts from its vectors and, when ``B`` is the same
         :class:`Pencil` (``B=previous.pencil``), also reuses their reduced coordinates, which saves a
-        triangular product and an orthonormalization (about 5 % of a warm solve at d = 4096).
+        triangular product and an orthonormalization (about 5 % of a warm solve at d = 4096), and
+        the guard directions a block Lanczos or warm Davidson result keeps (the Ritz vectors just
+        past the k-th), so the iteration starts from ``k + g`` directions (10–25 % faster at
+        d = 4096, k = 32 and 128).
     M : array, LinearOperator or callable, optional
         Preconditioner for LOBPCG, an approximation of ``(A − σ(B + εI))⁻¹`` applied to (d, m) blocks.
         Passing one makes ``method="auto"`` choose LOBPCG.
