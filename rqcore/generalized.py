@@ -1159,8 +1159,7 @@ def generalized_topk(
     ):
         v0_reduced = None
     if v0_reduced is None or (
-        v0_guard is not None
-        and any(g.dtype != work_dtype or g.shape[0] != d for g in v0_guard)
+        v0_guard is not None and any(g.dtype != work_dtype or g.shape[0] != d for g in v0_guard)
     ):
         v0_guard = None
     if tol is None:
