@@ -56,6 +56,26 @@ class GeneralizedTopKWarm:
         generalized_topk(self.A2, self.P, k, v0=self.previous, tol=TOL, seed=0)
 
 
+class GeneralizedTopKWarmChain:
+    """A training loop's re-solve: the second of two warm re-solves (A + E, then + E'), each from
+    the result before it (so from a warm result, with its guard pairs where the path keeps them)."""
+
+    params: ClassVar[Any] = ((2048,), (8, 32, 128))
+    param_names: ClassVar[list[str]] = ["d", "k"]
+    timeout = 300
+
+    def setup(self, d: int, k: int) -> None:
+        A, B = power_law_pencil(d)
+        self.P = Pencil(B, reg=REG)
+        cold = generalized_topk(A, self.P, k, tol=TOL, seed=0)
+        A2 = perturbed(A, d, seed=d + k)
+        self.previous: Any = generalized_topk(A2, self.P, k, v0=cold, tol=TOL, seed=0)
+        self.A3 = perturbed(A2, d, seed=d + k + 1)
+
+    def time_second_warm(self, d: int, k: int) -> None:
+        generalized_topk(self.A3, self.P, k, v0=self.previous, tol=TOL, seed=0)
+
+
 class GeneralizedTopKThreads:
     """Cold and warm block solves with 1 and 2 BLAS threads (the drivers' own calls stay on one)."""
 
