@@ -45,16 +45,15 @@ class KrylovResult:
     V: FloatArray | None = None  # L⁻ᵀ Y when the operator reports it (saves the back-transform)
     #: Ritz vectors just past the wanted ones (reduced coordinates, orthonormal and orthogonal to
     #: ``Y``) and their ``L⁻ᵀ`` images, from the final basis: guard directions for a warm start.
-    guard_Y: FloatArray | None = None
-    guard_V: FloatArray | None = None
+    guard: tuple[FloatArray, FloatArray] | None = None
 
 
 def _guard_pairs(
     V: FloatArray, Zs: FloatArray | None, S_guard: NDArray[np.float64], dtype: np.dtype[Any]
-) -> tuple[FloatArray | None, FloatArray | None]:
-    """``(V S_guard, Zs S_guard)``, or ``(None, None)`` without guard pairs or ``L⁻ᵀ`` images."""
+) -> tuple[FloatArray, FloatArray] | None:
+    """``(V S_guard, Zs S_guard)``, or None without guard pairs or ``L⁻ᵀ`` images."""
     if Zs is None or S_guard.shape[1] == 0:
-        return None, None
+        return None
     Sg = S_guard.astype(dtype, copy=False)
     return gemm(V, Sg), gemm(Zs, Sg)
 
@@ -132,8 +131,8 @@ def block_lanczos(
         pass, it stops the iteration as soon as the true measure is below tolerance (the bound
         ``‖L r‖ ≤ ‖L‖‖r‖`` over-solves by about two orders of magnitude).
     guard : int
-        Number of Ritz pairs past the wanted ones to return as ``guard_Y``/``guard_V`` (with ``back``
-        only; fewer when the final basis is smaller).
+        Number of Ritz pairs past the wanted ones to return as ``guard`` (with ``back`` only; fewer
+        when the final basis is smaller).
     maxiter : int
         Maximum number of block products.
     start : (d, m) array, optional
@@ -241,7 +240,7 @@ def block_lanczos(
     Y = gemm(V[:, :n], Sd)
     Vp = None if Zs is None else gemm(Zs[:, :n], Sd)
     ng = max(min(guard, n - nwant), 0) if want.size == nwant else 0
-    guard_Y, guard_V = _guard_pairs(
+    guard_pairs = _guard_pairs(
         V[:, :n], None if Zs is None else Zs[:, :n], S[:, order[nwant : nwant + ng]], dtype
     )
     return KrylovResult(
@@ -252,8 +251,7 @@ def block_lanczos(
         converged=done,
         n_converged=int(np.count_nonzero(mask)),
         V=Vp,
-        guard_Y=guard_Y,
-        guard_V=guard_V,
+        guard=guard_pairs,
     )
 
 
@@ -356,7 +354,7 @@ def warm_block_davidson(
     below ``_PREDICTED_PASS·tol``); when it predicts
     convergence for all, a verification pass decides, and the pairs that fail it are expanded again.
 
-    ``guard`` Ritz pairs past the wanted ones come back as ``guard_Y``/``guard_V`` (the next warm
+    ``guard`` Ritz pairs past the wanted ones come back as the result's ``guard`` (the next warm
     start's guard directions; the projected problem asks for them every step, which costs nothing
     when LAPACK computes all pairs anyway).
 
@@ -458,7 +456,7 @@ def warm_block_davidson(
     Sd = S.astype(dtype, copy=False)
     Y = gemm(V[:, :n], Sd)
     Vp = gemm(Zs[:, :n], Sd)
-    guard_Y, guard_V = _guard_pairs(V[:, :n], Zs[:, :n], S_guard, dtype)
+    guard_pairs = _guard_pairs(V[:, :n], Zs[:, :n], S_guard, dtype)
     result = KrylovResult(
         theta=np.asarray(theta, dtype=np.float64),
         Y=Y,
@@ -467,7 +465,6 @@ def warm_block_davidson(
         converged=done,
         n_converged=int(np.count_nonzero(meas <= tol)),
         V=Vp,
-        guard_Y=guard_Y,
-        guard_V=guard_V,
+        guard=guard_pairs,
     )
     return result, np.asarray(meas, dtype=np.float64)

@@ -857,13 +857,13 @@ def _iterative(
                 used,
                 label,
                 res_w.Y,
-                _guard_of(res_w),
+                res_w.guard,
             )
         # Not converged within its steps: the block Lanczos finishes from the current Ritz vectors.
         start = warm_res[0].Y
         if maxiter is not None and used >= int(maxiter):
             fin = _finalize(A, pencil, warm_res[0].Y, (a_norm, m_norm), largest, V=warm_res[0].V)
-            return fin[0], fin[1], fin[2], used, label, fin[3], _guard_of(warm_res[0])
+            return fin[0], fin[1], fin[2], used, label, fin[3], warm_res[0].guard
     if method == "lanczos":
         b, basis = _lanczos_params(d, k, warm)
         if start is not None and start.shape[1] > b:
@@ -922,7 +922,7 @@ def _iterative(
             )
         used += res.iterations
         Y = res.Y
-        guard_out = _guard_of(res)
+        guard_out = res.guard
         accepted = last_exact.get("measures")
         if (
             res.converged
@@ -963,12 +963,6 @@ def _iterative(
         with wide():
             start = pencil.upper_matmul(vectors)
     return values, vectors, residuals, used, label, Y_out, guard_out
-
-
-def _guard_of(res: KrylovResult) -> tuple[FloatArray, FloatArray] | None:
-    if res.guard_Y is None or res.guard_V is None:
-        return None
-    return res.guard_Y, res.guard_V
 
 
 def generalized_topk(
