@@ -355,8 +355,8 @@ def warm_block_davidson(
     convergence for all, a verification pass decides, and the pairs that fail it are expanded again.
 
     ``guard`` Ritz pairs past the wanted ones come back as the result's ``guard`` (the next warm
-    start's guard directions; the projected problem asks for them every step, which costs nothing
-    when LAPACK computes all pairs anyway).
+    start's guard directions; the projected problem asks for them every step: no extra work when
+    ``syevd`` computes all pairs, ``g`` more pairs from the subset path otherwise).
 
     Returns the result (``V`` holds ``L⁻ᵀY``; ``converged`` only after a passed verification) and the
     measure of every returned pair (true after a verification pass, else partly predicted).

@@ -844,7 +844,7 @@ def _iterative(
             rng=rng,
             dtype=dtype,
             orthonormal=v0_reduced is not None,
-            guard=v0_guard if v0_reduced is not None else None,
+            guard=v0_guard,
         )
         used = warm_res[0].iterations
         if warm_res[0].converged:
@@ -1230,7 +1230,7 @@ def generalized_topk(
             )
     if Y is not None and (Y.shape != vectors.shape or Y.dtype != vectors.dtype):
         Y = None
-    if Y is None or (guard is not None and guard[0].dtype != Y.dtype):
+    if Y is None:  # no reduced coordinates to start from, so no guard either
         guard = None
     return GeneralizedEigenResult(
         values=values,
