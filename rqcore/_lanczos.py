@@ -28,6 +28,7 @@ from numpy.typing import NDArray
 
 from rqcore._blas import gemm, solve_right_upper
 from rqcore._eigen_kernels import column_norms, convergence_mask
+from rqcore._subset_eigh import subset_eigh
 
 FloatArray = NDArray[np.floating[Any]]
 
@@ -255,11 +256,12 @@ def block_lanczos(
     )
 
 
-#: The projected problem of the warm Davidson wants ``p`` of ``n`` eigenpairs; LAPACK's subset path
-#: (``syevr`` with an index range) costs more than all pairs by divide and conquer (``syevd``) once
-#: ``p`` exceeds about ``n/5`` (1 thread: n = 160, p = 32: 2.35 against 1.69 ms; n = 300, p = 128: 18.0
-#: against 7.7 ms; n = 512, p = 128: 34 against 32 ms; n = 256, p = 8: 2.4 against 5.6 ms).
-_SUBSET_EIGH_MAX_FRACTION = 0.2
+#: Above this fraction of wanted pairs, all pairs by divide and conquer (``syevd``) cost less than the
+#: subset path of :func:`rqcore._subset_eigh.subset_eigh` (``sytrd`` + ``stemr`` on the index range).
+#: 1 thread, ms, subset / ``syevd`` / SciPy's ``syevr`` subset: n = 160, p = 32: 1.7 / 2.3 / 2.3;
+#: n = 256, p = 64: 5.1 / 5.3 / 7.2; n = 320, p = 128: 12.0 / 8.0 / 16.9; n = 512, p = 128:
+#: 23.6 / 30.0 / 32.9; n = 1024, p = 128: 86 / – / 106; n = 1024, p = 256: 122 / 180 / 168.
+_SUBSET_EIGH_MAX_FRACTION = 0.25
 
 
 def _wanted_eigh(
@@ -272,13 +274,7 @@ def _wanted_eigh(
         vals, S = scipy.linalg.eigh(H, driver="evd", overwrite_a=overwrite, check_finite=False)
         idx = np.arange(n - 1, n - p - 1, -1) if largest else np.arange(p)
         return vals[idx], S[:, idx]
-    index = (n - p, n - 1) if largest else (0, p - 1)
-    vals, S = scipy.linalg.eigh(
-        H, subset_by_index=index, driver="evr", overwrite_a=overwrite, check_finite=False
-    )
-    if largest:
-        vals, S = vals[::-1], S[:, ::-1]
-    return vals, S
+    return subset_eigh(H, p, largest, overwrite=overwrite)
 
 
 def _cholqr2(X: FloatArray) -> tuple[FloatArray, NDArray[np.float64]]:

@@ -202,17 +202,13 @@ class Pencil:
         """Return ``L⁻¹ X`` (forward substitution)."""
         if self._factor is None:
             return np.array(X, copy=True)
-        return scipy.linalg.solve_triangular(self._factor, X, lower=True, check_finite=False)
+        return self._triangular("trsm", X, trans=False)
 
     def solve_upper(self, X: FloatArray) -> FloatArray:
         """Return ``L⁻ᵀ X`` (back substitution); maps reduced-problem vectors back to the pencil's."""
         if self._factor is None:
             return np.array(X, copy=True)
-        if self._mirrored:  # the upper triangle holds Lᵀ: a non-transposed solve
-            return scipy.linalg.solve_triangular(self._factor, X, lower=False, check_finite=False)
-        return scipy.linalg.solve_triangular(
-            self._factor, X, lower=True, trans="T", check_finite=False
-        )
+        return self._triangular("trsm", X, trans=True)
 
     def reduce(self, A: FloatArray) -> FloatArray:
         """Return the standard-form matrix ``L⁻¹ A L⁻ᵀ`` (lower triangle valid, as LAPACK ``sygst``).
@@ -261,32 +257,38 @@ class Pencil:
             self._factor_cache = cache
         return cache
 
-    def _trmm(self, X: FloatArray, *, trans: bool) -> FloatArray:
-        """``L X`` (or ``Lᵀ X``) with BLAS ``trmm`` (half the flops of a general product)."""
+    def _triangular(self, routine: str, X: FloatArray, *, trans: bool) -> FloatArray:
+        """``L X`` / ``Lᵀ X`` (``routine="trmm"``, half the flops of a general product) or ``L⁻¹ X`` /
+        ``L⁻ᵀ X`` (``"trsm"``) into a new array, with the BLAS routine called directly (no LAPACK
+        ``trtrs`` checks, and the mirrored upper triangle when there is one)."""
         assert self._factor is not None
         dtype = np.result_type(X.dtype, self._factor.dtype)
+        if dtype not in (np.float32, np.float64):
+            dtype = np.dtype(np.float64)
         X2 = np.asarray(X, dtype=dtype)
         vector = X2.ndim == 1
         X2 = np.array(X2[:, None] if vector else X2, dtype=dtype, order="F", copy=True)
-        (trmm,) = scipy.linalg.blas.get_blas_funcs(("trmm",), (X2,))
+        if X2.size == 0:
+            return X2[:, 0] if vector else X2
+        (blas,) = scipy.linalg.blas.get_blas_funcs((routine,), (X2,))
         if trans:
             F, lower, trans_a = self._upper_operand(dtype)
         else:
             F, lower, trans_a = self._factor_f(dtype)[0], 1, 0
-        out = trmm(1.0, F, X2, lower=lower, trans_a=trans_a, overwrite_b=1)
+        out = blas(1.0, F, X2, lower=lower, trans_a=trans_a, overwrite_b=1)
         return out[:, 0] if vector else out
 
     def lower_matmul(self, X: FloatArray) -> FloatArray:
         """Return ``L X``: maps reduced-coordinate residuals to the pencil's (``A v − λMv = L r``)."""
         if self._factor is None:
             return np.array(X, copy=True)
-        return self._trmm(X, trans=False)
+        return self._triangular("trmm", X, trans=False)
 
     def upper_matmul(self, X: FloatArray) -> FloatArray:
         """Return ``Lᵀ X``: maps pencil vectors to reduced coordinates (``y = Lᵀ v``)."""
         if self._factor is None:
             return np.array(X, copy=True)
-        return self._trmm(X, trans=True)
+        return self._triangular("trmm", X, trans=True)
 
     def _trsm(self, X: FloatArray, *, trans: bool, overwrite: bool = False) -> FloatArray:
         """``L⁻¹ X`` (``trans=False``) or ``L⁻ᵀ X`` with BLAS ``trsm`` on a (d, m) block, no copies

@@ -45,7 +45,7 @@ def test_gemm_with_empty_inner_dimension():
 @pytest.mark.parametrize("n, p", [(40, 4), (40, 20), (200, 8), (200, 128), (7, 7)])
 @pytest.mark.parametrize("largest", [True, False])
 def test_wanted_eigh_matches_lapack(n, p, largest):
-    """Both branches (subset ``syevr`` for few pairs, all pairs by ``syevd`` for many) agree."""
+    """Both branches (``sytrd`` + ``stemr`` for few pairs, all pairs by ``syevd`` for many) agree."""
     rng = np.random.default_rng(n + p)
     Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
     lam = np.sort(rng.standard_normal(n)) * np.arange(1, n + 1)  # distinct
