@@ -135,3 +135,26 @@ class Kernels:
 
     def time_symmetry_check_2_threads(self) -> None:
         self.asymmetry_and_norm(self.S, threads=2)
+
+
+class SubsetEigh:
+    """The dense path's eigensolver on a reduced matrix ``L⁻¹AL⁻ᵀ``: rqcore's ``sytrd`` + ``stemr``
+    against SciPy's ``syevr`` subset driver (bisection and inverse iteration for a subset)."""
+
+    params: ClassVar[Any] = ((512, 1024), (32, 128))
+    param_names: ClassVar[list[str]] = ["n", "p"]
+
+    def setup(self, n: int, p: int) -> None:
+        A, B = power_law_pencil(n)
+        C = Pencil(B, reg=REG).reduce(A)
+        self.C = np.tril(C) + np.tril(C, -1).T
+
+    def time_rqcore(self, n: int, p: int) -> None:
+        from rqcore._subset_eigh import subset_eigh
+
+        subset_eigh(self.C, p, True)
+
+    def time_scipy_evr(self, n: int, p: int) -> None:
+        import scipy.linalg
+
+        scipy.linalg.eigh(self.C, subset_by_index=(n - p, n - 1), driver="evr", check_finite=False)

@@ -274,8 +274,19 @@ def _dense_topk(
 _DENSE_MAX_D = 64
 _DENSE_K_FRACTION = 4
 #: ``method="auto"`` already prefers LAPACK for ``k ≥ d/8`` with a dense ``A`` (measured: at d = 1024,
-#: k = 128 ``sygst`` + ``syevr`` takes about half the time of the Lanczos run, cold or warm).
+#: k = 128 the dense path takes about half the time of the Lanczos run, cold or warm).
 _DENSE_AUTO_K_FRACTION = 8
+#: Cold solves with a dense ``A`` also go to LAPACK where ``k`` is past the single-vector path and the
+#: block Lanczos is overhead-bound: ``d ≤ 1024`` with ``k > 32``, and ``1024 < d ≤ 1536`` with
+#: ``k ≥ d/16``.
+#: Dense against block Lanczos, ms, 1 / 2 threads: (512, 36) 21 / 22 against 48 / 55; (1024, 48) 113 / 76
+#: against 127 / 101; (1024, 64) 118 / 83 against 179 / 142; (1536, 96) 366 / 256 against 346 / 276;
+#: (1536, 128) – / 282 against – / 378; Lanczos stays ahead at (1024, 32) (ARPACK, 54 against
+#: ≈ 100 ms), (1536, 48) 230 against 337 ms and (2048, 128) 687 against 908 ms. Warm starts keep the
+#: block Davidson, which is faster there ((1024, 48): 55 against 101 ms; (1536, 96): 223 against 319).
+_COLD_DENSE_SMALL_D = 1024
+_COLD_DENSE_MID_D = 1536
+_COLD_DENSE_MID_K_FRACTION = 16
 
 
 def _fallback_reason(d: int, k: int) -> str | None:
@@ -288,8 +299,24 @@ def _fallback_reason(d: int, k: int) -> str | None:
 
 def _auto_method(d: int, k: int, *, is_operator: bool, warm: bool, precond: bool) -> str:
     """The rule behind ``method="auto"`` (documented in :func:`generalized_topk` and docs/solvers.md)."""
-    if _fallback_reason(d, k) is not None or (not is_operator and _DENSE_AUTO_K_FRACTION * k >= d):
+    if _fallback_reason(d, k) is not None:
         return "dense"
+    if not is_operator:
+        if _DENSE_AUTO_K_FRACTION * k >= d:
+            return "dense"
+        beyond_single_vector = k > _SINGLE_VECTOR_SMALL_D_MAX_K
+        if (
+            not warm
+            and not precond
+            and (
+                (d <= _COLD_DENSE_SMALL_D and beyond_single_vector)
+                or (
+                    _COLD_DENSE_SMALL_D < d <= _COLD_DENSE_MID_D
+                    and _COLD_DENSE_MID_K_FRACTION * k >= d
+                )
+            )
+        ):
+            return "dense"
     if precond:
         return "lobpcg"
     return "lanczos"
@@ -1053,7 +1080,8 @@ def generalized_topk(
     ``‖L(Cy − θy)‖`` — the same quantity up to rounding, and at most ``0.9·tol``.
 
     ``"dense"``
-        ``sygst`` + ``syevr`` on the subset. Exact to rounding; costs ``O(d³)`` whatever ``k``. Do not
+        ``sygst``, then ``sytrd`` + ``stemr`` on the index subset (``syevd`` on all pairs for
+        ``k > d/4``). Exact to rounding; costs ``O(d³)`` whatever ``k``. Do not
         use for large ``d`` with small ``k``, or when ``A`` is only available as an operator.
     ``"lanczos"``
         For a dense ``A``, ``largest=True`` and small ``k`` (``k ≤ 8``, or ``k ≤ 32`` with
@@ -1077,8 +1105,11 @@ def generalized_topk(
         more products than Lanczos for the same accuracy.
     ``"auto"``
         Dense when ``d < 64`` or ``k > d/4`` (a Krylov basis would fill a large part of the space), or
-        ``k ≥ d/8`` with a dense ``A`` (LAPACK is then faster, cold or warm); otherwise LOBPCG when a
-        preconditioner ``M`` is given, else Lanczos (cold or warm). A forced
+        ``k ≥ d/8`` with a dense ``A`` (LAPACK is then faster, cold or warm), or, for a cold solve
+        with a dense ``A`` and no preconditioner, ``k > 32`` with ``d ≤ 1024`` or ``k ≥ d/16`` with
+        ``1024 < d ≤ 1536`` (past the single-vector path, where the block Lanczos is slower than
+        LAPACK); otherwise LOBPCG when a preconditioner ``M`` is given, else Lanczos (cold or warm).
+        A forced
         iterative method falls back to dense under the same conditions and says so in
         ``result.method``, e.g. ``"dense (fallback: k close to d)"``.
 

@@ -332,7 +332,7 @@ def test_warm_start_with_guard_pairs():
 
     d, k = 600, 40
     A, B = power_law_pencil(d, seed=47)
-    cold = generalized_topk(A, B, k, reg=1e-3, seed=0)
+    cold = generalized_topk(A, B, k, reg=1e-3, method="lanczos", seed=0)  # auto: dense here
     assert cold._guard is not None
     A2 = _perturbed(A, 48)
     with_guard = generalized_topk(A2, cold.pencil, k, v0=cold, seed=0, maxiter=10_000)
@@ -384,7 +384,7 @@ def test_warm_davidson_unchanged_A_returns_at_once(k):
     """v0 = converged vectors of the same A: the Rayleigh-Ritz on span(Lᵀv0) is accepted at once."""
     d = 600
     A, B = power_law_pencil(d, seed=31)
-    cold = generalized_topk(A, B, k, reg=1e-3, seed=0)
+    cold = generalized_topk(A, B, k, reg=1e-3, method="lanczos", seed=0)  # auto: dense here
     assert cold.method == "lanczos"
     warm = generalized_topk(A, cold.pencil, k, v0=cold.vectors, seed=1)
     assert warm.converged and warm.iterations == 1
@@ -423,11 +423,11 @@ def test_warm_davidson_after_perturbation(d, k):
     """Warm re-solve of A + E (block Davidson from the whole of span(Lᵀv0)): same pairs as
     scipy.linalg.eigh to the stated tolerance, fewer block products than a cold run, pencil reused."""
     A, B = power_law_pencil(d, seed=32)
-    cold = generalized_topk(A, B, k, reg=1e-3, seed=0, maxiter=10_000)
+    cold = generalized_topk(A, B, k, reg=1e-3, method="lanczos", seed=0, maxiter=10_000)
     A2 = _perturbed(A, seed=33)
     # maxiter selects the block iterations (no single-vector path) also for small k.
     warm = generalized_topk(A2, cold.pencil, k, v0=cold.vectors, seed=0, maxiter=10_000)
-    recold = generalized_topk(A2, cold.pencil, k, seed=0, maxiter=10_000)
+    recold = generalized_topk(A2, cold.pencil, k, method="lanczos", seed=0, maxiter=10_000)
     assert warm.converged and warm.method == "lanczos"
     assert warm.iterations < recold.iterations
     check_result(warm, A2, reg_M(B, 1e-3), k, True)
@@ -494,6 +494,36 @@ def test_auto_rule():
     res = generalized_topk(A, B, 4, reg=1e-3, M=P.solve)
     assert res.method == "lobpcg"
     check_result(res, A, reg_M(B, 1e-3), 4, True)
+
+
+@pytest.mark.parametrize(
+    ("d", "k", "warm", "operator", "precond", "expected"),
+    [
+        (512, 32, False, False, False, "lanczos"),  # single-vector path
+        (512, 33, False, False, False, "dense"),  # past it, d ≤ 1024: LAPACK
+        (512, 33, True, False, False, "lanczos"),  # warm: block Davidson
+        (1024, 40, False, False, False, "dense"),
+        (1024, 40, False, True, False, "lanczos"),  # operator A: never materialized by choice
+        (1024, 40, False, False, True, "lobpcg"),  # a preconditioner asks for LOBPCG
+        (1536, 95, False, False, False, "lanczos"),
+        (1536, 96, False, False, False, "dense"),  # k ≥ d/16 for d ≤ 1536
+        (2048, 128, False, False, False, "lanczos"),
+        (2048, 256, True, False, False, "dense"),  # k ≥ d/8, cold or warm
+        (4096, 128, False, False, False, "lanczos"),
+    ],
+)
+def test_auto_rule_table(d, k, warm, operator, precond, expected):
+    from rqcore.generalized import _auto_method
+
+    got = _auto_method(d, k, is_operator=operator, warm=warm, precond=precond)
+    assert got == expected
+
+
+def test_auto_takes_dense_past_the_single_vector_path():
+    A, B = power_law_pencil(400, seed=12)
+    res = generalized_topk(A, B, 40, reg=1e-3, tol=1e-8)
+    assert res.method == "dense"
+    check_result(res, A, reg_M(B, 1e-3), 40, True)
 
 
 @pytest.mark.parametrize("largest", [True, False])
