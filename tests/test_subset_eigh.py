@@ -143,3 +143,16 @@ def test_compare_script_quick():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "rqcore / fastest SciPy" in out.stdout and "scipy evr" in out.stdout
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_subset_eigh_split_tridiagonal(largest):
+    """Matrices whose tridiagonal form splits: diagonal, and block diagonal with equal blocks (every
+    eigenvalue repeated, with eigenvectors spread over the blocks)."""
+    n = 96
+    diagonal = np.diag(np.linspace(-2.0, 7.0, n))
+    block = _symmetric(n // 3, np.linspace(0.5, 4.0, n // 3), seed=17)
+    blocks = scipy.linalg.block_diag(block, block, block)
+    for H in (diagonal, blocks):
+        vals, S = subset_eigh(H, 10, largest)
+        _check(H, 10, largest, vals, S, 1e-13, 1e-12)
