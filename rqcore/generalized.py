@@ -297,26 +297,21 @@ def _fallback_reason(d: int, k: int) -> str | None:
     return None
 
 
+def _cold_prefers_dense(d: int, k: int) -> bool:
+    """Whether LAPACK beats the iterative paths on a cold solve with a dense ``A`` (see above)."""
+    if d <= _COLD_DENSE_SMALL_D:
+        return k > _SINGLE_VECTOR_SMALL_D_MAX_K
+    return d <= _COLD_DENSE_MID_D and _COLD_DENSE_MID_K_FRACTION * k >= d
+
+
 def _auto_method(d: int, k: int, *, is_operator: bool, warm: bool, precond: bool) -> str:
     """The rule behind ``method="auto"`` (documented in :func:`generalized_topk` and docs/solvers.md)."""
     if _fallback_reason(d, k) is not None:
         return "dense"
-    if not is_operator:
-        if _DENSE_AUTO_K_FRACTION * k >= d:
-            return "dense"
-        beyond_single_vector = k > _SINGLE_VECTOR_SMALL_D_MAX_K
-        if (
-            not warm
-            and not precond
-            and (
-                (d <= _COLD_DENSE_SMALL_D and beyond_single_vector)
-                or (
-                    _COLD_DENSE_SMALL_D < d <= _COLD_DENSE_MID_D
-                    and _COLD_DENSE_MID_K_FRACTION * k >= d
-                )
-            )
-        ):
-            return "dense"
+    if not is_operator and (
+        _DENSE_AUTO_K_FRACTION * k >= d or (not warm and not precond and _cold_prefers_dense(d, k))
+    ):
+        return "dense"
     if precond:
         return "lobpcg"
     return "lanczos"

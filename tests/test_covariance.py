@@ -6,12 +6,11 @@ import doctest
 import io
 import itertools
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _scripts import run_quick
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.covariance import ledoit_wolf, oas, shrunk_covariance
@@ -524,14 +523,7 @@ def test_doctests():
 
 
 def test_compare_script_quick_smoke():
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "compare_covariance.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "rqcore ms" in proc.stdout and "X.T@X ms" in proc.stdout
-    assert "BLAS threads: 1" in proc.stdout
-    assert ("PASS" in proc.stdout) or ("FAIL" in proc.stdout)
+    out = run_quick("compare_covariance.py")
+    assert "rqcore ms" in out and "X.T@X ms" in out
+    assert "BLAS threads: 1" in out
+    assert ("PASS" in out) or ("FAIL" in out)

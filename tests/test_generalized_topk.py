@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 import scipy.sparse
 import scipy.sparse.linalg
+from _scripts import run_quick
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -619,13 +617,5 @@ def test_random_pencils_property(d, k, method, largest, seed):
 
 
 def test_compare_script_quick():
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_eigen.py"
-    out = subprocess.run(
-        [sys.executable, str(script), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "ratio" in out.stdout and "eigsh" in out.stdout
+    out = run_quick("compare_eigen.py")
+    assert "ratio" in out and "eigsh" in out

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse
+from _scripts import run_quick
 
 from rqcore import (
     NullspaceProjector,
@@ -430,14 +428,5 @@ def test_protocol(full: RayleighBasis) -> None:
 
 # ------------------------------------------------------------------------------ benchmarks
 def test_compare_script_quick_runs() -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "compare_projection.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "overall:" in proc.stdout and "gate" in proc.stdout
+    out = run_quick("compare_projection.py")
+    assert "overall:" in out and "gate" in out

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.linalg
+from _scripts import run_quick
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -133,16 +130,8 @@ def test_subset_eigh_property(n, fraction, largest, repeats, seed):
 
 
 def test_compare_script_quick():
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_subset_eigh.py"
-    out = subprocess.run(
-        [sys.executable, str(script), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "rqcore / fastest SciPy" in out.stdout and "scipy evr" in out.stdout
+    out = run_quick("compare_subset_eigh.py")
+    assert "rqcore / fastest SciPy" in out and "scipy evr" in out
 
 
 @pytest.mark.parametrize("largest", [True, False])
