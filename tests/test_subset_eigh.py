@@ -33,7 +33,9 @@ def _check(H: np.ndarray, p: int, largest: bool, vals, S, atol_values: float, at
     assert residual.max() <= atol_values * scale * np.sqrt(n)
 
 
-@pytest.mark.parametrize("n, p", [(40, 4), (64, 16), (200, 8), (200, 50), (300, 1), (33, 33)])
+@pytest.mark.parametrize(
+    "n, p", [(40, 4), (64, 16), (200, 8), (200, 50), (300, 1), (33, 33), (7, 3), (2, 1), (1, 1)]
+)
 @pytest.mark.parametrize("largest", [True, False])
 def test_subset_eigh_matches_lapack(n, p, largest):
     rng = np.random.default_rng(n + p)
@@ -111,7 +113,7 @@ def test_subset_eigh_bisection_fallback(monkeypatch, largest):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    n=st.integers(min_value=32, max_value=90),
+    n=st.integers(min_value=2, max_value=90),
     fraction=st.floats(min_value=0.01, max_value=1.0),
     largest=st.booleans(),
     repeats=st.integers(min_value=1, max_value=5),
