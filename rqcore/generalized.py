@@ -392,6 +392,26 @@ class _Problem:
     op_back: Callable[[FloatArray], FloatArray] | None = None  # Z ↦ C Lᵀ Z = L⁻¹ A Z
 
 
+#: Blocks of at most this many columns are multiplied by ``A`` column by column with ``symv`` (one
+#: triangle of ``A`` read per column) instead of one ``gemm``: OpenBLAS's ``gemm`` does not forward
+#: narrow blocks to BLAS-2 and streams the full square. Measured (d = 4096, 1 thread): 1 column 3.6
+#: against 11.4 ms, 3 columns 9.8 against 13.1 ms, 4 columns 13.2 against 12.8 ms (2 threads: 5.5
+#: against 7.3 ms at 3 columns, 7.9 against 7.6 at 4). The warm Davidson's last steps expand 1-3 pairs.
+_SYMV_MAX_COLUMNS = 3
+
+
+def _times_symmetric(A_f: FloatArray, Z: FloatArray, gemm: Any) -> FloatArray:
+    """``A Z`` for the Fortran-ordered view ``A_f`` of the validated symmetric ``A`` and a
+    Fortran-ordered block ``Z``: ``symv`` per column for narrow blocks, one ``gemm`` otherwise."""
+    if Z.shape[1] > _SYMV_MAX_COLUMNS:
+        return gemm(1.0, A_f, Z)
+    (symv,) = scipy.linalg.blas.get_blas_funcs(("symv",), (A_f,))
+    W = np.empty(Z.shape, dtype=np.result_type(A_f.dtype, Z.dtype), order="F")
+    for j in range(Z.shape[1]):
+        W[:, j] = symv(1.0, A_f, Z[:, j], lower=0)
+    return W
+
+
 def _build_problem(
     A: Any,
     pencil: Pencil,
@@ -435,11 +455,11 @@ def _build_problem(
 
         def op_pair(Y: FloatArray) -> tuple[FloatArray, FloatArray]:
             Z = pencil._trsm(np.asfortranarray(Y), trans=True)
-            W = gemm(1.0, A_f, Z)
+            W = _times_symmetric(A_f, Z, gemm)
             return pencil._trsm(W, trans=False, overwrite=True), Z
 
         def op_back(Z: FloatArray) -> FloatArray:
-            W = gemm(1.0, A_f, np.asfortranarray(Z))
+            W = _times_symmetric(A_f, np.asfortranarray(Z), gemm)
             return pencil._trsm(W, trans=False, overwrite=True)
 
     else:

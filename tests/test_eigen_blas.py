@@ -77,6 +77,31 @@ def test_pencil_apply_reduced_is_exact_for_any_layout(order, dtype, rtol):
     scale = np.abs(ref).max()
     np.testing.assert_allclose(P.apply_reduced(A, Z), ref, rtol=0, atol=rtol * scale)
     np.testing.assert_allclose(P.apply_reduced(A, Z[:, 1]), ref[:, 1], rtol=0, atol=rtol * scale)
+    # Two columns take the column-by-column triangular solves.
+    np.testing.assert_allclose(P.apply_reduced(A, Z[:, :2]), ref[:, :2], rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("ncols", [1, 2, 3, 4, 9])
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_times_symmetric_matches_numpy(order, ncols, dtype, rtol):
+    """The block operator's product with ``A``: ``symv`` per column up to three columns (one
+    triangle read), ``gemm`` beyond; both equal ``A @ Z``."""
+    import scipy.linalg.blas
+
+    from rqcore.generalized import _SYMV_MAX_COLUMNS, _times_symmetric
+
+    rng = np.random.default_rng(ncols)
+    A = rng.standard_normal((90, 90))
+    A = np.array(A + A.T, dtype=dtype, order=order)
+    A_f = A if A.flags.f_contiguous else A.T
+    (gemm,) = scipy.linalg.blas.get_blas_funcs(("gemm",), (A_f,))
+    Z = np.asfortranarray(rng.standard_normal((90, ncols)).astype(dtype))
+    out = _times_symmetric(A_f, Z, gemm)
+    ref = A.astype(np.float64) @ Z.astype(np.float64)
+    assert out.shape == (90, ncols) and out.dtype == dtype and out.flags.f_contiguous
+    np.testing.assert_allclose(out, ref, rtol=0, atol=rtol * np.abs(ref).max())
+    assert _SYMV_MAX_COLUMNS == 3  # the parametrization covers both sides of the switch
 
 
 @pytest.mark.parametrize("order", ["C", "F"])
@@ -143,16 +168,27 @@ def test_pencil_triangular_operations(dtype, rtol, x_dtype):
     for mirrored in (False, True):
         assert P._mirrored is mirrored
         for name, ref in refs.items():
-            out = getattr(P, name)(Y)
             scale = np.abs(ref).max()
-            np.testing.assert_allclose(out, ref, rtol=0, atol=rtol * scale, err_msg=name)
+            # 1 and 2 columns go through trsv / trmv column by column, 3 through trsm / trmm.
+            for cols in (3, 2, 1):
+                out = getattr(P, name)(Y[:, :cols])
+                assert out.shape == (d, cols)
+                np.testing.assert_allclose(
+                    out, ref[:, :cols], rtol=0, atol=rtol * scale, err_msg=f"{name}, {cols}"
+                )
             np.testing.assert_allclose(  # one vector
                 getattr(P, name)(Y[:, 0]), ref[:, 0], rtol=0, atol=rtol * scale, err_msg=name
             )
         for trans, ref in ((False, refs["solve_lower"]), (True, refs["solve_upper"])):
-            out = P._trsm(np.asfortranarray(Y), trans=trans)
-            assert out.dtype == x_dtype
-            np.testing.assert_allclose(out, ref, rtol=0, atol=trsm_rtol * np.abs(ref).max())
+            for cols in (3, 2, 1):
+                block = np.asfortranarray(Y[:, :cols])
+                out = P._trsm(block, trans=trans)
+                assert out.dtype == x_dtype and not np.shares_memory(out, Y)
+                atol = trsm_rtol * np.abs(ref).max()
+                np.testing.assert_allclose(out, ref[:, :cols], rtol=0, atol=atol)
+                in_place = P._trsm(block, trans=trans, overwrite=True)
+                assert np.shares_memory(in_place, block)
+                np.testing.assert_allclose(in_place, ref[:, :cols], rtol=0, atol=atol)
         np.testing.assert_array_equal(P.cholesky_factor, L)
 
 
