@@ -43,7 +43,7 @@ PEER_SETTINGS = {
     "rqcore auto": f"method='auto', tol={TOL:g}, reg={REG:g} (Cholesky included)",
     "scipy eigh": "scipy.linalg.eigh(A, B+εI, subset_by_index) (driver gvx)",
     "eigsh(L⁻¹AL⁻ᵀ)": f"eigsh(LinearOperator, which='LA', tol={TOL:g}, ncv=default "
-    "max(2k+1,20), maxiter=default 10d); Cholesky included",
+    "max(2k+1,20), maxiter=default 10d); scipy cholesky + solve_triangular, Cholesky included",
     "scipy lobpcg": f"lobpcg(A, X0 random (d,k), B=M, tol={TOL:g}, maxiter=500), no precond",
     "scipy lobpcg+M⁻¹": f"same, M=cho_solve(chol(M)) preconditioner (Cholesky included), tol={TOL:g}",
     "torch.lobpcg": "torch.lobpcg(A, k, B=M, largest=True, niter=500, tol=default), float64 CPU",
@@ -70,7 +70,11 @@ def perturbed(A: Any, d: int, seed: int) -> Any:
 
 def _regularized(B: Any) -> Any:
     d = B.shape[0]
-    return B + REG * np.trace(B) / d * np.eye(d)
+    # Bᵀ = B: copying the transposed view gives a Fortran-ordered M by a plain memcpy, which LAPACK
+    # factors in place (a C-ordered M would be transposed into a copy by the wrapper first).
+    M = np.array(B.T, order="F", copy=True)
+    M.flat[:: d + 1] += REG * np.trace(B) / d  # no d×d identity temporary
+    return M
 
 
 def solvers(
@@ -89,12 +93,20 @@ def solvers(
         return w, V
 
     def eigsh() -> tuple[Any, Any]:
-        P = Pencil(B, reg=REG)
-        op = sla.LinearOperator(
-            (d, d), matvec=lambda x: P.apply_reduced(A, x.reshape(d, -1)).ravel(), dtype=A.dtype
+        # Built by hand from SciPy alone (no rqcore code in a peer): Cholesky of M, then
+        # L⁻¹ (A (L⁻ᵀ x)) by two triangular solves around NumPy's product.
+        # cho_factor leaves the upper triangle as it was (no zeroing pass); the solves read the lower.
+        L, _ = scipy.linalg.cho_factor(
+            _regularized(B), lower=True, overwrite_a=True, check_finite=False
         )
+
+        def matvec(x: Any) -> Any:
+            z = scipy.linalg.solve_triangular(L, x, lower=True, trans="T", check_finite=False)
+            return scipy.linalg.solve_triangular(L, A @ z, lower=True, check_finite=False)
+
+        op = sla.LinearOperator((d, d), matvec=matvec, dtype=A.dtype)
         w, Y = sla.eigsh(op, k, which="LA", tol=TOL)
-        return w, P.solve_upper(Y)
+        return w, scipy.linalg.solve_triangular(L, Y, lower=True, trans="T", check_finite=False)
 
     def lob() -> tuple[Any, Any]:
         w, V = sla.lobpcg(A, X0, B=_regularized(B), tol=TOL, maxiter=500, largest=True)
