@@ -116,3 +116,9 @@ def caller_threads() -> int:
     if _depth > 0:
         return max(_saved, default=1)
     return max((int(lib.get_num_threads()) for lib in _blas_libraries()), default=1)
+
+
+def current_threads() -> int:
+    """The BLAS thread count in effect now (inside a driver: 1, or the caller's count within
+    :func:`wide`)."""
+    return max((int(lib.get_num_threads()) for lib in _blas_libraries()), default=1)

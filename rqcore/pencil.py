@@ -16,8 +16,9 @@ import scipy.linalg.blas
 import scipy.sparse
 from numpy.typing import NDArray
 
+from rqcore._blas import SPLIT_SOLVE_MIN_DIM, split_triangular_solve
 from rqcore._eigen_kernels import mirror_lower_triangle
-from rqcore._threads import caller_threads, driver_threads, wide
+from rqcore._threads import caller_threads, current_threads, driver_threads, wide
 from rqcore._validation import as_float_array, check_finite, check_positive_int, check_symmetric
 from rqcore.exceptions import RqcoreWarning
 
@@ -322,6 +323,10 @@ class Pencil:
             out = X if overwrite and X.flags.f_contiguous else np.array(X, order="F", copy=True)
             _columnwise("trsm", F, out, lower=lower, trans=trans_a)
             return out
+        if not trans_a and self.dim >= SPLIT_SOLVE_MIN_DIM and current_threads() > 1:
+            out = X if overwrite and X.flags.f_contiguous else np.array(X, order="F", copy=True)
+            leaf = max(512, self.dim // 4)  # two levels: d = 4096 → blocks of 1024
+            return split_triangular_solve(F, out, upper=not lower, leaf=leaf)
         (trsm,) = scipy.linalg.blas.get_blas_funcs(("trsm",), (F, X))
         # L⁻¹ X on the lower triangle, L⁻ᵀ X on the upper one (Lᵀ), both non-transposed once mirrored.
         return trsm(1.0, F, X, lower=lower, trans_a=trans_a, overwrite_b=int(overwrite))

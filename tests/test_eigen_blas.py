@@ -204,3 +204,67 @@ def test_solve_right_upper_in_place(dtype, rtol):
     out = solve_right_upper(R, X)
     assert out.dtype == dtype and np.shares_memory(out, X)
     np.testing.assert_allclose(out, ref, rtol=0, atol=rtol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("n, cols, leaf", [(1, 1, 1), (37, 5, 8), (100, 3, 16), (257, 12, 64)])
+@pytest.mark.parametrize("upper", [False, True])
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-13), (np.float32, 1e-5)])
+def test_split_triangular_solve(n, cols, leaf, upper, dtype, rtol):
+    """The split solve (diagonal blocks by ``trsm``, off-diagonal blocks by ``gemm``, on sub-blocks in
+    place through ``cython_blas``) equals the triangular solve, reads only its own triangle, and
+    leaves the factor unchanged."""
+    from rqcore._blas import split_triangular_solve
+
+    rng = np.random.default_rng(n + cols)
+    F = rng.standard_normal((n, n)) + 2 * np.sqrt(n) * np.eye(n)  # both triangles well-conditioned
+    F = np.asfortranarray(F.astype(dtype))
+    before = F.copy()
+    T = (np.triu(F) if upper else np.tril(F)).astype(np.float64)
+    X = np.asfortranarray(rng.standard_normal((n, cols)).astype(dtype))
+    ref = np.linalg.solve(T, X.astype(np.float64))
+    out = split_triangular_solve(F, X, upper=upper, leaf=leaf)
+    assert out is X and out.dtype == dtype
+    np.testing.assert_allclose(out, ref, rtol=0, atol=rtol * np.abs(ref).max())
+    np.testing.assert_array_equal(F, before)
+
+
+def test_pencil_block_solves_take_the_split_solve_on_threads(monkeypatch):
+    """With several BLAS threads and a large enough factor, ``Pencil``'s block solves use the split
+    solve, and agree with the plain ``trsm`` to rounding (both ``L⁻¹`` and ``L⁻ᵀ``, in place or not)."""
+    from threadpoolctl import threadpool_limits
+
+    import rqcore._blas
+    import rqcore.pencil
+    from rqcore import Pencil
+
+    rng = np.random.default_rng(8)
+    d = 300
+    X = rng.standard_normal((2 * d, d))
+    P = Pencil(X.T @ X / (2 * d), reg=1e-3)
+    Y = np.asfortranarray(rng.standard_normal((d, 9)))
+    plain = {trans: P._trsm(Y, trans=trans) for trans in (False, True)}
+    calls = []
+    real = rqcore._blas.split_triangular_solve
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["upper"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rqcore.pencil, "SPLIT_SOLVE_MIN_DIM", 256)
+    monkeypatch.setattr(rqcore.pencil, "split_triangular_solve", spy)
+    with threadpool_limits(2):
+        for trans in (False, True):
+            out = P._trsm(Y, trans=trans)
+            assert not np.shares_memory(out, Y)
+            np.testing.assert_allclose(out, plain[trans], rtol=0, atol=1e-12 * np.abs(out).max())
+            block = Y.copy(order="F")
+            assert np.shares_memory(P._trsm(block, trans=trans, overwrite=True), block)
+    assert calls == [
+        False,
+        False,
+        True,
+        True,
+    ]  # L⁻¹ on the lower triangle, L⁻ᵀ on the mirrored upper
+    with threadpool_limits(1):
+        P._trsm(Y, trans=False)
+    assert len(calls) == 4  # one thread: plain trsm
