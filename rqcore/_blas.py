@@ -14,6 +14,7 @@ call puts the small dimension first.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import numpy as np
@@ -90,12 +91,10 @@ SPLIT_SOLVE_MIN_DIM = 2048
 _FORTRAN_BLAS: dict[tuple[str, str], Any] = {}
 
 
-def _fortran_blas(name: str, dtype: np.dtype[Any]) -> Any:
-    """ctypes handle of SciPy's ``cython_blas`` routine (``d``/``s`` + ``name``): the same OpenBLAS as
-    :mod:`scipy.linalg.blas`, but with explicit leading dimensions, so sub-blocks of a matrix are passed
-    without copies."""
-    import ctypes
-
+def _fortran_blas(name: str, dtype: np.dtype[Any]) -> tuple[Any, Any]:
+    """``(routine, pointer type)``: a ctypes handle of SciPy's ``cython_blas`` ``d``/``s`` + ``name``
+    (``"trsm"`` or ``"gemm"``), the same OpenBLAS as :mod:`scipy.linalg.blas` but with explicit leading
+    dimensions, so sub-blocks of a matrix are passed without copies."""
     from numba.extending import get_cython_function_address
 
     prefix = "d" if dtype == np.float64 else "s"
@@ -111,7 +110,7 @@ def _fortran_blas(name: str, dtype: np.dtype[Any]) -> Any:
             args = [char, char, integer, integer, integer, real, real, integer, real, integer, real]
             args += [real, integer]
         address = get_cython_function_address("scipy.linalg.cython_blas", prefix + name)
-        _FORTRAN_BLAS[key] = (ctypes.CFUNCTYPE(None, *args)(address), real, ctypes)
+        _FORTRAN_BLAS[key] = (ctypes.CFUNCTYPE(None, *args)(address), real)
     return _FORTRAN_BLAS[key]
 
 
@@ -125,8 +124,8 @@ def split_triangular_solve(F: FloatArray, X: FloatArray, *, upper: bool, leaf: i
     """
     n, b = X.shape
     assert F.flags.f_contiguous and X.flags.f_contiguous and F.dtype == X.dtype
-    trsm, real, ctypes = _fortran_blas("trsm", F.dtype)
-    gemm_, _, _ = _fortran_blas("gemm", F.dtype)
+    trsm, real = _fortran_blas("trsm", F.dtype)
+    gemm_, _ = _fortran_blas("gemm", F.dtype)
     scalar = ctypes.c_double if F.dtype == np.float64 else ctypes.c_float
     one, minus_one = scalar(1.0), scalar(-1.0)
     ld_f = ctypes.c_int(F.shape[0])

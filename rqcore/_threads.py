@@ -115,7 +115,7 @@ def caller_threads() -> int:
     """The caller's BLAS thread count (outside any driver: the current setting)."""
     if _depth > 0:
         return max(_saved, default=1)
-    return max((int(lib.get_num_threads()) for lib in _blas_libraries()), default=1)
+    return current_threads()
 
 
 def current_threads() -> int:
