@@ -103,6 +103,27 @@ class GeneralizedTopKThreads:
             generalized_topk(self.A2, self.P, self.k, v0=self.v0, tol=TOL, seed=0)
 
 
+class PencilOperator:
+    """``Pencil``'s reduced operator ``L⁻¹AL⁻ᵀ`` on one vector (what a hand-built ``eigsh`` operator
+    calls per product) and on blocks of 2, 16 and 128 columns; the one-vector case tracks the
+    ``trsv`` path (``trsm`` on one column was 2-4× slower and went unnoticed for a session)."""
+
+    params: ClassVar[Any] = ((512, 4096), (1, 2, 16, 128))
+    param_names: ClassVar[list[str]] = ["d", "columns"]
+
+    def setup(self, d: int, columns: int) -> None:
+        self.A, B = power_law_pencil(d)
+        self.P = Pencil(B, reg=REG)
+        rng = np.random.default_rng(0)
+        self.X = rng.standard_normal(d) if columns == 1 else rng.standard_normal((d, columns))
+
+    def time_apply_reduced(self, d: int, columns: int) -> None:
+        self.P.apply_reduced(self.A, self.X)
+
+    def time_solve_upper(self, d: int, columns: int) -> None:
+        self.P.solve_upper(self.X)
+
+
 class Kernels:
     """The numba bookkeeping kernels on a (4096, 128) block; the symmetry/finiteness/norm pass over a
     4096 × 4096 matrix on one and two threads."""
