@@ -43,7 +43,7 @@ PEER_SETTINGS = {
     "rqcore auto": f"method='auto', tol={TOL:g}, reg={REG:g} (Cholesky included)",
     "scipy eigh": "scipy.linalg.eigh(A, B+εI, subset_by_index) (driver gvx)",
     "eigsh(L⁻¹AL⁻ᵀ)": f"eigsh(LinearOperator, which='LA', tol={TOL:g}, ncv=default "
-    "max(2k+1,20), maxiter=default 10d); scipy cholesky + solve_triangular, Cholesky included",
+    "max(2k+1,20), maxiter=default 10d); scipy cho_factor + solve_triangular, Cholesky included",
     "scipy lobpcg": f"lobpcg(A, X0 random (d,k), B=M, tol={TOL:g}, maxiter=500), no precond",
     "scipy lobpcg+M⁻¹": f"same, M=cho_solve(chol(M)) preconditioner (Cholesky included), tol={TOL:g}",
     "torch.lobpcg": "torch.lobpcg(A, k, B=M, largest=True, niter=500, tol=default), float64 CPU",

@@ -319,12 +319,15 @@ class Pencil:
             F, lower, trans_a = self._upper_operand(np.dtype(X.dtype))
         else:
             F, lower, trans_a = self._factor_f(np.dtype(X.dtype))[0], 1, 0
-        if X.shape[1] <= _VECTOR_COLUMNS:
+        narrow = X.shape[1] <= _VECTOR_COLUMNS
+        split = (
+            not narrow and not trans_a and self.dim >= SPLIT_SOLVE_MIN_DIM and current_threads() > 1
+        )
+        if narrow or split:  # both work in place on a Fortran-ordered block
             out = X if overwrite and X.flags.f_contiguous else np.array(X, order="F", copy=True)
-            _columnwise("trsm", F, out, lower=lower, trans=trans_a)
-            return out
-        if not trans_a and self.dim >= SPLIT_SOLVE_MIN_DIM and current_threads() > 1:
-            out = X if overwrite and X.flags.f_contiguous else np.array(X, order="F", copy=True)
+            if narrow:
+                _columnwise("trsm", F, out, lower=lower, trans=trans_a)
+                return out
             leaf = max(512, self.dim // 4)  # two levels: d = 4096 → blocks of 1024
             return split_triangular_solve(F, out, upper=not lower, leaf=leaf)
         (trsm,) = scipy.linalg.blas.get_blas_funcs(("trsm",), (F, X))
