@@ -120,17 +120,25 @@ def convergence_mask(estimates: Any, thresholds: Any) -> Any:
     return mask, leading
 
 
+#: Tile size of :func:`_asymmetry_norm_blocks`. The transposed reads ``A[j, i]`` of a tile walk down
+#: ``bs`` rows; at a power-of-two leading dimension those rows map to one L1 cache set, so only tiles
+#: of at most 8 rows (the set's ways) stay cached from one ``i`` to the next. Measured, 1 thread
+#: (64 → 8, with the finiteness test moved out of the inner loop): d = 512 290 → 200 µs, d = 1024
+#: 1.27 → 0.83 ms, d = 4096 30.8 → 24.5 ms; d = 1000 788 → 763 µs.
+_SYMMETRY_TILE = 8
+
+
 @njit(fastmath=False, nogil=True)
-def _asymmetry_norm_blocks(A: Any, row_blocks: Any, acc: Any) -> tuple[float, float, float]:
-    # Branch-free body (max, and a NaN/Inf detector ``a − a`` that is 0 for finite a), blocked so that
-    # A[i, j] and A[j, i] both stay in cache; also sums |a_ij| per column into ``acc`` (‖A‖₁ in the
-    # same pass). Visits the tiles (ib, jb ≤ ib) of the given 64-row blocks; nogil, so two threads can
-    # share one matrix (each with its own ``acc``).
+def _asymmetry_norm_blocks(A: Any, row_blocks: Any, acc: Any) -> tuple[float, float]:
+    # Visits the tiles (ib, jb ≤ ib) of the given row blocks, comparing A[i, j] with A[j, i], and sums
+    # |a_ij| per column into ``acc`` (‖A‖₁ in the same pass). Every entry lands in exactly one column
+    # sum, so a NaN or Inf anywhere leaves a non-finite sum: the caller tests finiteness on ``acc``
+    # (n values) instead of a running test here, whose dependency chain cost a third of the pass.
+    # nogil, so two threads can share one matrix (each with its own ``acc``).
     n = A.shape[0]
     asym = 0.0
     scale = 0.0
-    check = 0.0
-    bs = 64
+    bs = _SYMMETRY_TILE
     for block in row_blocks:
         ib = block * bs
         for jb in range(0, ib + 1, bs):
@@ -139,7 +147,6 @@ def _asymmetry_norm_blocks(A: Any, row_blocks: Any, acc: Any) -> tuple[float, fl
                 for j in range(jb, min(jb + bs, i)):
                     a = A[i, j]
                     c = A[j, i]
-                    check += (a - a) + (c - c)
                     asym = max(asym, abs(a - c))
                     aa = abs(a)
                     ac = abs(c)
@@ -149,10 +156,9 @@ def _asymmetry_norm_blocks(A: Any, row_blocks: Any, acc: Any) -> tuple[float, fl
                 acc[i] += ri
                 if jb <= i < jb + bs:  # the diagonal entry, once
                     a = A[i, i]
-                    check += a - a
                     scale = max(scale, abs(a))
                     acc[i] += abs(a)
-    return asym, scale, check
+    return asym, scale
 
 
 #: From this dimension on, ``asymmetry_and_norm(A, threads=2)`` splits the pass over two threads
@@ -177,11 +183,11 @@ def asymmetry_and_norm(A: NDArray[Any], *, threads: int = 1) -> tuple[float, flo
     n = A.shape[0]
     if A.size == 0:
         return 0.0, 0.0, True, 0.0
-    nb = -(-n // 64)
+    nb = -(-n // _SYMMETRY_TILE)
     if threads < 2 or n < _TWO_THREAD_MIN_DIM:
         acc = np.zeros(n)
-        a, s, c = _asymmetry_norm_blocks(A, np.arange(nb), acc)
-        return float(a), float(s), bool(c == 0.0), float(acc.max())
+        a, s = _asymmetry_norm_blocks(A, np.arange(nb), acc)
+        return float(a), float(s), bool(np.isfinite(acc).all()), float(acc.max())
     # Row block b holds b + 1 tiles: pairing b with nb − 1 − b gives equal work per pair.
     pairs = [(b, nb - 1 - b) for b in range((nb + 1) // 2)]
     halves = [
@@ -189,7 +195,7 @@ def asymmetry_and_norm(A: NDArray[Any], *, threads: int = 1) -> tuple[float, flo
         for part in (pairs[: len(pairs) // 2], pairs[len(pairs) // 2 :])
     ]
     accs = [np.zeros(n), np.zeros(n)]
-    out: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)]
+    out: list[tuple[float, float]] = [(0.0, 0.0)]
 
     def helper() -> None:
         out[0] = _asymmetry_norm_blocks(A, halves[1], accs[1])
@@ -197,12 +203,12 @@ def asymmetry_and_norm(A: NDArray[Any], *, threads: int = 1) -> tuple[float, flo
     worker = threading.Thread(target=helper, name="rqcore-symmetry-check")
     worker.start()
     try:
-        a0, s0, c0 = _asymmetry_norm_blocks(A, halves[0], accs[0])
+        a0, s0 = _asymmetry_norm_blocks(A, halves[0], accs[0])
     finally:
         worker.join()
-    a1, s1, c1 = out[0]
-    norm = float(np.max(accs[0] + accs[1]))
-    return float(max(a0, a1)), float(max(s0, s1)), bool(c0 + c1 == 0.0), norm
+    a1, s1 = out[0]
+    sums = accs[0] + accs[1]
+    return float(max(a0, a1)), float(max(s0, s1)), bool(np.isfinite(sums).all()), float(sums.max())
 
 
 @njit(fastmath=False, nogil=True)

@@ -128,26 +128,29 @@ class Pencil:
         B = as_float_array(B, "B", ndim=2, allowed=(np.float32, np.float64))
         if B.shape[0] != B.shape[1]:
             check_symmetric(B, "B")  # raises the standard shape message
+        if dim is not None and dim != B.shape[0]:
+            raise ValueError(f"dim={dim} does not match B's shape {B.shape}.")
         from rqcore._eigen_kernels import asymmetry_and_norm
 
+        d = B.shape[0]
+        # The factor's working copy first: a plain memcpy of Bᵀ (Fortran-ordered when B is C-ordered;
+        # equal to B once checked) reads B in memory order, the cheapest way in from main memory; the
+        # check's tiled reads then hit the cached copy. Checking B itself first cost 0.3 ms more at
+        # d = 512 when B was not in cache (0.54 against 0.21 ms for the copy).
+        shifted = np.array(B.T if B.flags.c_contiguous else B, dtype=B.dtype, order="F", copy=True)
         # One fused, cache-blocked pass (finiteness, max |B − Bᵀ|, max |B|, ‖B‖₁) instead of |B − Bᵀ|
-        # temporaries; the standard checks run (and raise) only when it flags a problem.
-        asym, scale, finite, b_norm = asymmetry_and_norm(B, threads=caller_threads())
+        # temporaries; the standard checks run on B (and raise) only when it flags a problem.
+        asym, scale, finite, b_norm = asymmetry_and_norm(shifted, threads=caller_threads())
         if not finite:
             check_finite(B, "B")
         if asym > 100.0 * float(np.finfo(B.dtype).eps) * max(scale, np.finfo(np.float64).tiny):
             check_symmetric(B, "B")
-        if dim is not None and dim != B.shape[0]:
-            raise ValueError(f"dim={dim} does not match B's shape {B.shape}.")
-        d = B.shape[0]
         self.dim = d
         self.B = B
         self.dtype = B.dtype
-        trace = float(np.trace(B, dtype=np.float64))
+        trace = float(np.trace(shifted, dtype=np.float64))  # the copy is in cache
         self.reg_used = reg * (trace / d if trace > 0 else 1.0)
         self._one_norm: float | None = float(b_norm + self.reg_used)
-        # B is symmetric: copying Bᵀ (Fortran-ordered when B is C-ordered) is a plain memcpy.
-        shifted = np.array(B.T if B.flags.c_contiguous else B, dtype=B.dtype, order="F", copy=True)
         shifted.flat[:: d + 1] += self.reg_used
         (potrf,) = scipy.linalg.get_lapack_funcs(("potrf",), (shifted,))
         # Threads pay for the factorization from d = 512 on (rqcore._threads).

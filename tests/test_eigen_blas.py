@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rqcore._blas import gemm
 from rqcore._lanczos import _wanted_eigh
@@ -268,3 +270,45 @@ def test_pencil_block_solves_take_the_split_solve_on_threads(monkeypatch):
     with threadpool_limits(1):
         P._trsm(Y, trans=False)
     assert len(calls) == 4  # one thread: plain trsm
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    d=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    layout=st.sampled_from(["C", "F"]),
+)
+def test_asymmetry_and_norm_matches_numpy(d, seed, dtype, layout):
+    """The one-pass check (8-row tiles, any d) gives NumPy's max |A − Aᵀ|, max |A| and ‖A‖₁."""
+    from rqcore._eigen_kernels import asymmetry_and_norm
+
+    rng = np.random.default_rng(seed)
+    A = np.array(
+        rng.standard_normal((d, d)) * 10.0 ** rng.uniform(-3, 3), dtype=dtype, order=layout
+    )
+    asym, scale, finite, norm = asymmetry_and_norm(A)
+    A64 = A.astype(np.float64)
+    assert finite
+    assert asym == pytest.approx(
+        np.abs(A64 - A64.T).max(), rel=1e-6 if dtype == np.float32 else 1e-12
+    )
+    assert scale == np.abs(A64).max()
+    assert norm == pytest.approx(np.abs(A64).sum(axis=0).max(), rel=1e-12)
+
+
+@pytest.mark.parametrize("d", [1, 9, 64, 301])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_asymmetry_and_norm_flags_non_finite_anywhere(d, bad):
+    """A NaN or Inf in either triangle or on the diagonal makes the pass report non-finite (the test
+    reads the column sums, which every entry reaches)."""
+    from rqcore._eigen_kernels import asymmetry_and_norm
+
+    rng = np.random.default_rng(d)
+    S = rng.standard_normal((d, d))
+    S = S + S.T
+    for i, j in {(0, 0), (d - 1, 0), (0, d - 1), (d // 2, d // 3), (d - 1, d - 1)}:
+        A = S.copy()
+        A[i, j] = bad
+        assert not asymmetry_and_norm(A)[2], (i, j)
+    assert asymmetry_and_norm(S)[2]
