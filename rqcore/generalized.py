@@ -30,7 +30,7 @@ from rqcore._eigen_kernels import (
 )
 from rqcore._lanczos import KrylovResult, _wanted_eigh, block_lanczos, warm_block_davidson
 from rqcore._lobpcg import lobpcg
-from rqcore._threads import caller_threads, driver_threads, wide
+from rqcore._threads import caller_threads, driver_threads, wide, widens
 from rqcore._validation import as_float_array, check_finite, check_symmetric
 from rqcore.exceptions import ConvergenceWarning
 from rqcore.pencil import Pencil
@@ -507,6 +507,110 @@ def _use_single_vector(d: int, k: int) -> bool:
     )
 
 
+class _RecordedReducedOperator(scipy.sparse.linalg.LinearOperator):
+    """``C = L⁻¹AL⁻ᵀ`` for ARPACK, one vector per product, keeping each product's ``x``, ``L⁻ᵀx`` and
+    ``AL⁻ᵀx``.
+
+    A product is two ``trsv`` around one ``symv``, called directly (no wrappers, no copies beyond the
+    result). ``matvec`` is overridden itself, not only ``_matvec``: ARPACK's driver calls it once per
+    step, and the base class's shape checks and reshapes cost a few µs each time.
+
+    Every Ritz vector ARPACK returns lies in the span of the vectors it multiplied (a Krylov space), so
+    the recorded columns give ``L⁻ᵀY`` and ``AL⁻ᵀY`` by small products (:func:`_back_from_products`)
+    instead of a triangular solve and a product with ``A`` on the whole block. Recording stops (and the
+    caller falls back to those) past ``limit`` products.
+    """
+
+    def __init__(self, A: FloatArray, pencil: Pencil, limit: int, start: int) -> None:
+        d = pencil.dim
+        super().__init__(dtype=A.dtype, shape=(d, d))
+        # trsv is as fast transposed as not, so this path does not ask for the mirrored factor.
+        self._F, self._up_lower, self._up_trans = pencil._upper_operand(np.dtype(A.dtype))
+        self._A_f = A if A.flags.f_contiguous else A.T
+        self._trsv, self._symv = scipy.linalg.blas.get_blas_funcs(
+            ("trsv", "symv"), (self._F, self._A_f)
+        )
+        self._widen = widens()  # symv gains from threads, trsv does not
+        self.limit = limit
+        self.count = 0
+        self.recording = limit > 0
+        size = min(start, limit)
+        self._X, self._Z, self._W = (
+            np.empty((d, size), dtype=A.dtype, order="F") for _ in range(3)
+        )
+
+    def _grow(self) -> None:
+        """Double the record's capacity (up to ``limit``)."""
+        j = self.count
+        size = min(2 * j, self.limit)
+        self._X, self._Z, self._W = (
+            np.asfortranarray(np.concatenate([B[:, :j], np.empty_like(B[:, : size - j])], axis=1))
+            for B in (self._X, self._Z, self._W)
+        )
+
+    def matvec(self, x: Any) -> FloatArray:
+        """``C x`` for one vector (recording ``x``, ``L⁻ᵀx`` and ``AL⁻ᵀx``)."""
+        x = np.ravel(x)
+        z = self._trsv(self._F, x, lower=self._up_lower, trans=self._up_trans)  # L⁻ᵀ x
+        if self._widen:
+            with wide():
+                w = self._symv(1.0, self._A_f, z, lower=0)
+        else:
+            w = self._symv(1.0, self._A_f, z, lower=0)
+        j = self.count
+        if self.recording and j >= self.limit:
+            self.recording = False
+        if self.recording:
+            # Copies into the record, not BLAS output written there: solving and multiplying in the
+            # record's columns made the 28 products of d = 512, k = 8 0.16-0.33 ms slower.
+            if j == self._X.shape[1]:
+                self._grow()
+            self._X[:, j] = x
+            self._Z[:, j] = z
+            self._W[:, j] = w
+        self.count = j + 1
+        return self._trsv(self._F, w, lower=1, overwrite_x=1)  # L⁻¹ w
+
+    def _matvec(self, x: Any) -> FloatArray:
+        return self.matvec(x)
+
+    def recorded(self) -> tuple[FloatArray, FloatArray, FloatArray] | None:
+        """``(X, Z, W)`` of every product so far, or None when recording stopped."""
+        if not self.recording or self.count == 0:
+            return None
+        n = self.count
+        return self._X[:, :n], self._Z[:, :n], self._W[:, :n]
+
+
+def _back_from_products(
+    Y: FloatArray, recorded: tuple[FloatArray, FloatArray, FloatArray], tol: float
+) -> tuple[FloatArray, FloatArray, FloatArray] | None:
+    """``(Y', L⁻ᵀY', AL⁻ᵀY')`` with ``Y' = Xc ≈ Y`` from the recorded products ``(X, L⁻ᵀX, AL⁻ᵀX)``.
+
+    ``c`` solves the normal equations ``XᵀX c = XᵀY`` (``n × n``, ``n`` products): ``d·n²`` flops
+    where the direct way costs a triangular solve and a product with ``A`` (``3d²k``); d = 512, k = 8,
+    28 products: 0.31 → 0.05 ms. The three results are consistent whatever the rounding in ``c`` (all
+    are the same combination of columns), and the caller's Rayleigh-Ritz and residuals use them
+    together. Returns None when ``Y'`` misses ``Y`` by more than ``0.1·tol`` (relative): then the
+    caller takes the direct way.
+    """
+    X, Z, W = recorded
+    n = X.shape[1]
+    if n > X.shape[0]:
+        return None
+    G = np.asarray(gemm(X, X, trans_a=True), dtype=np.float64)
+    R = np.asarray(gemm(X, np.asfortranarray(Y, dtype=X.dtype), trans_a=True), dtype=np.float64)
+    try:
+        c = np.linalg.solve((G + G.T) / 2, R)
+    except np.linalg.LinAlgError:  # pragma: no cover - n independent Krylov vectors
+        return None
+    c = np.asfortranarray(c, dtype=X.dtype)
+    Y_fit = gemm(X, c)
+    if not float(np.linalg.norm(Y_fit - Y)) <= 0.1 * tol * float(np.linalg.norm(Y)):
+        return None
+    return Y_fit, gemm(Z, c), gemm(W, c)
+
+
 def _single_vector_lanczos(
     A: FloatArray,
     pencil: Pencil,
@@ -514,29 +618,20 @@ def _single_vector_lanczos(
     tol: float,
     rng: np.random.Generator,
     start: FloatArray | None = None,
-) -> tuple[FloatArray, int] | None:
+) -> tuple[FloatArray, int, FloatArray | None, FloatArray | None] | None:
     """Largest ``k`` eigenvectors of ``C = L⁻¹AL⁻ᵀ`` by ARPACK (``eigsh``), products by BLAS-2.
 
-    ``C y`` is two ``trsv`` around one ``symv`` called directly (no wrappers, no copies). ARPACK stops
-    when ``‖Cy − θy‖ ≤ tol·|θ|``, which bounds the pencil measure by ``tol`` (``‖Lr‖ ≤ ‖L‖‖r‖``,
-    ``‖v‖ ≥ 1/‖L‖``); the caller checks the true measure anyway. Returns ``(Y, products)`` or None
-    when ARPACK does not converge.
+    ARPACK stops when ``‖Cy − θy‖ ≤ tol·|θ|``, which bounds the pencil measure by ``tol``
+    (``‖Lr‖ ≤ ‖L‖‖r‖``, ``‖v‖ ≥ 1/‖L‖``); the caller checks the true measure anyway. Returns
+    ``(Y, products, V, AV)`` with ``V = L⁻ᵀY`` and ``AV`` from the recorded products
+    (:class:`_RecordedReducedOperator`; both None when not at hand, and then ``Y`` is ARPACK's), or
+    None when ARPACK does not converge.
     """
     d = pencil.dim
-    # trsv is as fast transposed as not, so this path does not ask for the mirrored factor.
-    F, up_lower, up_trans = pencil._upper_operand(np.dtype(A.dtype))
-    A_f = A if A.flags.f_contiguous else A.T
-    trsv, symv = scipy.linalg.blas.get_blas_funcs(("trsv", "symv"), (F, A_f))
-    count = [0]
-
-    def matvec(x: FloatArray) -> FloatArray:
-        count[0] += 1
-        z = trsv(F, np.ravel(x), lower=up_lower, trans=up_trans)  # L⁻ᵀ x
-        with wide():  # symv gains from threads, trsv does not
-            w = symv(1.0, A_f, z, lower=0)
-        return trsv(F, w, lower=1, overwrite_x=1)  # L⁻¹ w
-
-    op = scipy.sparse.linalg.LinearOperator((d, d), matvec=matvec, dtype=A.dtype)
+    ncv = min(max(2 * k + 1, 20), d - 1)  # eigsh's default
+    # Recording pays while the normal equations (d·n²) cost less than the direct back-transform (3d²k).
+    limit = min(d, max(2 * ncv, math.isqrt(3 * d * k)))
+    op = _RecordedReducedOperator(A, pencil, limit, start=2 * ncv)
     if start is None:
         v0 = rng.standard_normal(d).astype(A.dtype)
     else:  # warm: the sum of the previous reduced vectors (each weighted equally)
@@ -547,7 +642,12 @@ def _single_vector_lanczos(
         )
     except scipy.sparse.linalg.ArpackNoConvergence:  # pragma: no cover - the block path takes over
         return None
-    return np.asarray(Y, dtype=A.dtype), count[0]
+    Y = np.asarray(Y, dtype=A.dtype)
+    recorded = op.recorded()
+    back = None if recorded is None else _back_from_products(Y, recorded, tol)
+    if back is None:
+        return Y, op.count, None, None
+    return back[0], op.count, back[1], back[2]
 
 
 #: Warm starts (``v0`` given, ``"lanczos"``, no spectral transformation) run a block Davidson from the
@@ -692,6 +792,7 @@ def _finalize(
     norms: tuple[float, float],
     largest: bool,
     V: FloatArray | None = None,
+    AV: FloatArray | None = None,
 ) -> tuple[FloatArray, FloatArray, NDArray[np.float64], FloatArray]:
     """Back-transform, final Rayleigh-Ritz in the pencil's coordinates, and true residuals.
 
@@ -704,7 +805,8 @@ def _finalize(
     with wide():
         if V is None:
             V = pencil.solve_upper(Y)
-        AV = _apply_symmetric(A, V)
+        if AV is None:
+            AV = _apply_symmetric(A, V)
         if not pencil.is_identity and Y.dtype == pencil.dtype:
             # M V = L Lᵀ V = L Y: one trmm (d²k flops) instead of the product with B (2d²k). V = L⁻ᵀY
             # comes from a backward-stable triangular solve, so L Y differs from M V by
@@ -924,8 +1026,10 @@ def _iterative(
     if single_ok:
         single = _single_vector_lanczos(A, pencil, k, tol, rng, start)
         if single is not None:
-            Y1, products = single
-            values, vectors, residuals, Y_out = _finalize(A, pencil, Y1, (a_norm, m_norm), largest)
+            Y1, products, V1, AV1 = single
+            values, vectors, residuals, Y_out = _finalize(
+                A, pencil, Y1, (a_norm, m_norm), largest, V=V1, AV=AV1
+            )
             if bool(np.all(residuals <= tol)):
                 return values, vectors, residuals, products, label, Y_out, None
             # Rounding or a loose ARPACK estimate: the block iteration takes over from a random start

@@ -483,6 +483,75 @@ def test_single_vector_fallback_to_block(monkeypatch):
     assert np.max(pair_residuals(A, res.pencil, res.values, res.vectors)) <= 1e-10
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("start", [4, 64])  # 4: the record grows by doubling during the run
+def test_single_vector_back_transform_from_recorded_products(dtype, start, monkeypatch):
+    """The Ritz vectors ARPACK returns lie in the span of the vectors it multiplied: the recorded
+    products give ``L⁻ᵀY`` and ``AL⁻ᵀY`` equal to the direct solve and product."""
+    import rqcore.generalized as gen
+
+    A, B = power_law_pencil(200, seed=5)
+    A, B = A.astype(dtype), B.astype(dtype)
+    pencil = Pencil(B, reg=1e-3)
+    made = []
+    cls = gen._RecordedReducedOperator
+
+    def recorder(*args, **kwargs):
+        kwargs["start"] = start
+        made.append(cls(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(gen, "_RecordedReducedOperator", recorder)
+    tol = 1e-8 if dtype == np.float64 else 1e-4
+    Y, products, V, AV = gen._single_vector_lanczos(A, pencil, 6, tol, np.random.default_rng(0))
+    assert V is not None and AV is not None and products == made[0].count
+    assert start == 64 or products > start  # grew
+    rtol = 1e-10 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(V, pencil.solve_upper(Y), rtol=0, atol=rtol * np.abs(V).max())
+    np.testing.assert_allclose(AV, A @ V, rtol=0, atol=rtol * np.abs(AV).max())
+    np.testing.assert_allclose(Y.T @ Y, np.eye(6), atol=1e-12 if dtype == np.float64 else 1e-5)
+    res = generalized_topk(A, pencil, 6, tol=tol, method="lanczos", seed=0)
+    ref = scipy.linalg.eigh(A.astype(np.float64), reg_M(B.astype(np.float64), 1e-3))[0][::-1][:6]
+    assert res.converged and res.residuals.max() <= tol
+    np.testing.assert_allclose(res.values, ref, rtol=1e-12 if dtype == np.float64 else 1e-4)
+
+
+def test_single_vector_back_transform_falls_back():
+    """Past its recording limit, or for vectors outside the recorded span, the direct way is taken."""
+    import rqcore.generalized as gen
+
+    A, B = power_law_pencil(120, seed=6)
+    pencil = Pencil(B, reg=1e-3)
+    op = gen._RecordedReducedOperator(A, pencil, limit=5, start=2)
+    x = np.random.default_rng(1).standard_normal((120, 7))
+    outputs = [op.matvec(x[:, j]) for j in range(7)]
+    np.testing.assert_allclose(
+        np.column_stack(outputs), pencil.apply_reduced(A, x), rtol=1e-12, atol=1e-12
+    )
+    assert op.count == 7 and op.recorded() is None  # stopped recording at 5
+    # The recorded columns (computed in place) are x, L⁻ᵀx and AL⁻ᵀx.
+    op = gen._RecordedReducedOperator(A, pencil, limit=50, start=2)  # grows twice
+    outputs = [op.matvec(x[:, j]) for j in range(7)]
+    np.testing.assert_allclose(
+        np.column_stack(outputs), pencil.apply_reduced(A, x), rtol=1e-12, atol=1e-12
+    )
+    X, Z, W = op.recorded()
+    np.testing.assert_array_equal(X, x)
+    np.testing.assert_allclose(Z, pencil.solve_upper(x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(W, A @ Z, rtol=1e-12, atol=1e-12)
+    op = gen._RecordedReducedOperator(A, pencil, limit=50, start=8)
+    for j in range(7):
+        op.matvec(x[:, j])
+    recorded = op.recorded()
+    assert recorded is not None
+    inside = np.linalg.qr(x[:, :3])[0]
+    back = gen._back_from_products(inside, recorded, 1e-8)
+    assert back is not None
+    np.testing.assert_allclose(back[1], pencil.solve_upper(inside), atol=1e-12)
+    outside = np.linalg.qr(np.random.default_rng(2).standard_normal((120, 3)))[0]
+    assert gen._back_from_products(outside, recorded, 1e-8) is None
+
+
 def test_auto_rule():
     A, B = power_law_pencil(200, seed=11)
     assert generalized_topk(A, B, 4, reg=1e-3).method == "lanczos"
