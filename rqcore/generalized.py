@@ -589,7 +589,7 @@ def _back_from_products(
 
     ``c`` solves the normal equations ``XᵀX c = XᵀY`` (``n × n``, ``n`` products): ``d·n²`` flops
     where the direct way costs a triangular solve and a product with ``A`` (``3d²k``); d = 512, k = 8,
-    28 products: 0.31 → 0.05 ms. The three results are consistent whatever the rounding in ``c`` (all
+    28 products: 0.31 → 0.07 ms. The three results are consistent whatever the rounding in ``c`` (all
     are the same combination of columns), and the caller's Rayleigh-Ritz and residuals use them
     together. Returns None when ``Y'`` misses ``Y`` by more than ``0.1·tol`` (relative): then the
     caller takes the direct way.
