@@ -161,6 +161,39 @@ def _asymmetry_norm_blocks(A: Any, row_blocks: Any, acc: Any) -> tuple[float, fl
     return asym, scale
 
 
+@njit(fastmath=False, nogil=True)
+def _asymmetry_norm_rows(A: Any, acc: Any) -> tuple[float, float]:
+    # Same results as _asymmetry_norm_blocks over all row blocks, for matrices that fit in cache:
+    # each 8-row block is first read whole, in memory order (the column sums), then its lower tiles
+    # are compared with the rows above, which that first read left in cache. A matrix not in cache is
+    # thus fetched in memory order rather than by the tiles' strided reads.
+    n = A.shape[0]
+    asym = 0.0
+    scale = 0.0
+    bs = _SYMMETRY_TILE
+    for ib in range(0, n, bs):
+        ie = min(ib + bs, n)
+        for i in range(ib, ie):
+            for j in range(n):
+                acc[j] += abs(A[i, j])
+        for jb in range(0, ib + 1, bs):
+            for i in range(ib, ie):
+                for j in range(jb, min(jb + bs, i)):
+                    a = A[i, j]
+                    c = A[j, i]
+                    asym = max(asym, abs(a - c))
+                    scale = max(scale, max(abs(a), abs(c)))
+                if jb <= i < jb + bs:
+                    scale = max(scale, abs(A[i, i]))
+    return asym, scale
+
+
+#: Matrices up to this size take :func:`_asymmetry_norm_rows`. At d = 512 (2 MiB), 1 thread: 0.53 →
+#: 0.37–0.39 ms when ``A`` is not in cache (after a 0.2 s sleep), 0.21 ms either way when it is; at
+#: d = 1024 the rows above are no longer cached and it is slower (0.83 → 0.90 ms warm).
+_ROW_ORDER_MAX_BYTES = 2 << 20
+
+
 #: From this dimension on, ``asymmetry_and_norm(A, threads=2)`` splits the pass over two threads
 #: (d = 4096: 30 → 16 ms when introduced, 32–35 → 23–27 ms in later runs; one core does not saturate
 #: the memory bus).
@@ -186,7 +219,10 @@ def asymmetry_and_norm(A: NDArray[Any], *, threads: int = 1) -> tuple[float, flo
     nb = -(-n // _SYMMETRY_TILE)
     if threads < 2 or n < _TWO_THREAD_MIN_DIM:
         acc = np.zeros(n)
-        a, s = _asymmetry_norm_blocks(A, np.arange(nb), acc)
+        if A.nbytes <= _ROW_ORDER_MAX_BYTES and A.flags.c_contiguous:
+            a, s = _asymmetry_norm_rows(A, acc)
+        else:
+            a, s = _asymmetry_norm_blocks(A, np.arange(nb), acc)
         return float(a), float(s), bool(np.isfinite(acc).all()), float(acc.max())
     # Row block b holds b + 1 tiles: pairing b with nb − 1 − b gives equal work per pair.
     pairs = [(b, nb - 1 - b) for b in range((nb + 1) // 2)]

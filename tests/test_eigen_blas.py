@@ -274,7 +274,7 @@ def test_pencil_block_solves_take_the_split_solve_on_threads(monkeypatch):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    d=st.integers(1, 40),
+    d=st.integers(1, 600),
     seed=st.integers(0, 2**32 - 1),
     dtype=st.sampled_from([np.float32, np.float64]),
     layout=st.sampled_from(["C", "F"]),
@@ -297,9 +297,10 @@ def test_asymmetry_and_norm_matches_numpy(d, seed, dtype, layout):
     assert norm == pytest.approx(np.abs(A64).sum(axis=0).max(), rel=1e-12)
 
 
-@pytest.mark.parametrize("d", [1, 9, 64, 301])
+@pytest.mark.parametrize("d", [1, 9, 64, 301, 600])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_asymmetry_and_norm_flags_non_finite_anywhere(d, bad):
+@pytest.mark.parametrize("layout", ["C", "F"])  # C up to 2 MiB: the row-order kernel
+def test_asymmetry_and_norm_flags_non_finite_anywhere(d, bad, layout):
     """A NaN or Inf in either triangle or on the diagonal makes the pass report non-finite (the test
     reads the column sums, which every entry reaches)."""
     from rqcore._eigen_kernels import asymmetry_and_norm
@@ -308,7 +309,7 @@ def test_asymmetry_and_norm_flags_non_finite_anywhere(d, bad):
     S = rng.standard_normal((d, d))
     S = S + S.T
     for i, j in {(0, 0), (d - 1, 0), (0, d - 1), (d // 2, d // 3), (d - 1, d - 1)}:
-        A = S.copy()
+        A = np.array(S, order=layout)
         A[i, j] = bad
         assert not asymmetry_and_norm(A)[2], (i, j)
     assert asymmetry_and_norm(S)[2]

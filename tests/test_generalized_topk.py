@@ -503,16 +503,32 @@ def test_single_vector_back_transform_from_recorded_products(dtype, start, monke
 
     monkeypatch.setattr(gen, "_RecordedReducedOperator", recorder)
     tol = 1e-8 if dtype == np.float64 else 1e-4
-    Y, products, V, AV = gen._single_vector_lanczos(A, pencil, 6, tol, np.random.default_rng(0))
+    Y, products, V, AV, theta = gen._single_vector_lanczos(
+        A, pencil, 6, tol, np.random.default_rng(0)
+    )
     assert V is not None and AV is not None and products == made[0].count
     assert start == 64 or products > start  # grew
     rtol = 1e-10 if dtype == np.float64 else 1e-4
     np.testing.assert_allclose(V, pencil.solve_upper(Y), rtol=0, atol=rtol * np.abs(V).max())
     np.testing.assert_allclose(AV, A @ V, rtol=0, atol=rtol * np.abs(AV).max())
     np.testing.assert_allclose(Y.T @ Y, np.eye(6), atol=1e-12 if dtype == np.float64 else 1e-5)
-    res = generalized_topk(A, pencil, 6, tol=tol, method="lanczos", seed=0)
     ref = scipy.linalg.eigh(A.astype(np.float64), reg_M(B.astype(np.float64), 1e-3))[0][::-1][:6]
+    eigh_calls = []
+    eigh = scipy.linalg.eigh
+    monkeypatch.setattr(
+        scipy.linalg, "eigh", lambda *a, **kw: eigh_calls.append(1) or eigh(*a, **kw)
+    )
+    res = generalized_topk(A, pencil, 6, tol=tol, method="lanczos", seed=0)
     assert res.converged and res.residuals.max() <= tol
+    # ARPACK's vectors are orthonormal to rounding: its Ritz values are returned, no Rayleigh-Ritz.
+    assert not eigh_calls
+    np.testing.assert_allclose(
+        res.values, np.sort(theta)[::-1], rtol=1e-13 if dtype == np.float64 else 1e-5
+    )
+    M = reg_M(B.astype(np.float64), 1e-3)
+    V64 = res.vectors.astype(np.float64)
+    gram_tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(V64.T @ M @ V64, np.eye(6), atol=gram_tol)
     np.testing.assert_allclose(res.values, ref, rtol=1e-12 if dtype == np.float64 else 1e-4)
 
 
