@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from rqcore._blas import SPLIT_SOLVE_MIN_DIM, split_triangular_solve
 from rqcore._eigen_kernels import mirror_lower_triangle
-from rqcore._threads import caller_threads, current_threads, driver_threads, wide
+from rqcore._threads import WIDE_MIN_DIM, caller_threads, current_threads, driver_threads, wide
 from rqcore._validation import as_float_array, check_finite, check_positive_int, check_symmetric
 from rqcore.exceptions import RqcoreWarning
 
@@ -153,9 +153,17 @@ class Pencil:
         self._one_norm: float | None = float(b_norm + self.reg_used)
         shifted.flat[:: d + 1] += self.reg_used
         (potrf,) = scipy.linalg.get_lapack_funcs(("potrf",), (shifted,))
-        # Threads pay for the factorization from d = 512 on (rqcore._threads).
-        with driver_threads(d), wide():
-            factor, info = potrf(shifted, lower=1, clean=0, overwrite_a=1)
+        # Threads pay for the factorization from d = 512 on (rqcore._threads): below, one thread;
+        # from there, the caller's count as it stands (outside a driver ``wide`` changes nothing).
+        # Narrowing and widening the count around the call cost 0.13-0.20 ms at d = 512 on two
+        # threads (potrf 1.34-1.96 ms called directly, 1.53-2.09 ms inside driver_threads and wide;
+        # 0.2 s sleeps between calls).
+        if d < WIDE_MIN_DIM:
+            with driver_threads(d):
+                factor, info = potrf(shifted, lower=1, clean=0, overwrite_a=1)
+        else:
+            with wide():
+                factor, info = potrf(shifted, lower=1, clean=0, overwrite_a=1)
         if info != 0:
             suggestion = max(10 * reg, 1e-6)
             raise ValueError(

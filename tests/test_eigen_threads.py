@@ -200,3 +200,62 @@ def test_driver_products_are_widened_through_scipy_blas(two_threads, monkeypatch
     assert large and all(t == {2} for t in large)
     assert small and all(t == {1} for t in small)
     assert blas_threads() == {2}
+
+
+def _pencil_300(seed=31):
+    rng = np.random.default_rng(seed)
+    s = np.arange(1, 301) ** -0.5
+    X = rng.standard_normal((600, 300)) * s
+    Y = rng.standard_normal((600, 300)) * s[rng.permutation(300)]
+    return X.T @ X / 600, Y.T @ Y / 600
+
+
+@pytest.mark.parametrize(
+    ("bad_A", "bad_B", "match"),
+    [
+        ("asymmetric", None, "A is not symmetric"),
+        ("nan", None, "A contains"),
+        (None, "asymmetric", "B is not symmetric"),
+        (None, "indefinite", "not positive definite"),
+        ("asymmetric", "indefinite", "A is not symmetric"),  # A's error first, as on one thread
+        ("nan", "asymmetric", "A contains"),
+    ],
+)
+def test_checks_of_A_on_the_helper_thread(bad_A, bad_B, match):
+    """With two threads, A's check runs on a helper thread while B is checked and factored: the same
+    errors, in the same order of precedence, and the same results as on one thread."""
+    A, B = _pencil_300()
+    if bad_A == "asymmetric":
+        A = A.copy()
+        A[5, 200] += 1e-3
+    elif bad_A == "nan":
+        A = A.copy()
+        A[250, 3] = np.nan
+    if bad_B == "asymmetric":
+        B = B.copy()
+        B[7, 100] += 1e-3
+    elif bad_B == "indefinite":
+        B = -B
+    for threads in (1, 2):
+        with threadpool_limits(threads), pytest.raises(ValueError, match=match):
+            generalized_topk(A, B, 4, reg=0.0 if bad_B == "indefinite" else 1e-3)
+
+
+def test_helper_thread_check_gives_the_same_result(monkeypatch):
+    import rqcore.generalized as gen
+
+    A, B = _pencil_300()
+    used = []
+    submit = gen._in_helper_thread
+    monkeypatch.setattr(
+        gen, "_in_helper_thread", lambda *a, **kw: used.append(1) or submit(*a, **kw)
+    )
+    with threadpool_limits(1):
+        one = generalized_topk(A, B, 6, reg=1e-3, seed=0)
+    assert not used  # one thread allowed: no helper
+    with threadpool_limits(2):
+        assert rqcore._threads.caller_threads() == 2
+        two = generalized_topk(A, B, 6, reg=1e-3, seed=0)
+    assert used == [1]
+    np.testing.assert_allclose(two.values, one.values, rtol=1e-13)
+    assert two.converged and two.residuals.max() <= 1e-10
