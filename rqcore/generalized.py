@@ -7,9 +7,7 @@ the dense back end; the iterative back ends live in private modules.
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
-import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +22,6 @@ from numpy.typing import NDArray
 
 from rqcore._blas import gemm, solve_right_upper
 from rqcore._eigen_kernels import (
-    _TWO_THREAD_MIN_DIM,
     asymmetry_and_norm,
     column_norms,
     max_abs_column_sum,
@@ -189,14 +186,9 @@ def _residual_measures(
 _METHODS = ("auto", "dense", "lanczos", "lobpcg")
 
 
-def _validate_A(
-    A: Any, *, check: bool = True
-) -> tuple[Any, int, np.dtype[Any], bool, float | None]:
+def _validate_A(A: Any) -> tuple[Any, int, np.dtype[Any], bool, float | None]:
     """Return (A, d, dtype, is_operator, ‖A‖₁ or None) after checking shape, dtype, symmetry and
-    finiteness (for a dense ``A`` the norm comes from the same pass as the symmetry check).
-
-    ``check=False`` leaves the pass over a dense ``A`` (symmetry, finiteness, norm) to the caller
-    (:func:`_check_dense_A`), and the norm is then None."""
+    finiteness (for a dense ``A`` the norm comes from the same pass as the symmetry check)."""
     if isinstance(A, scipy.sparse.linalg.LinearOperator):
         if len(A.shape) != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"A must be a square operator, got shape {A.shape}.")
@@ -222,42 +214,15 @@ def _validate_A(
     arr = as_float_array(A, "A", ndim=2, allowed=(np.float32, np.float64))
     if arr.shape[0] != arr.shape[1]:
         raise ValueError(f"A must be a square 2-D matrix, got shape {arr.shape}.")
+    # One fused pass (symmetry, finiteness, ‖A‖₁) instead of |A − Aᵀ| temporaries.
     # The pass follows the caller's BLAS thread setting (two threads halve it at d ≥ 2048).
-    a_norm = _check_dense_A(arr, threads=caller_threads()) if check else None
-    return arr, arr.shape[0], arr.dtype, False, a_norm
-
-
-def _check_dense_A(arr: FloatArray, *, threads: int) -> float:
-    """``‖A‖₁`` of a dense square ``A`` after checking its symmetry and finiteness (ValueError).
-
-    One fused pass (symmetry, finiteness, ‖A‖₁) instead of |A − Aᵀ| temporaries."""
-    asym, scale, finite, a_norm = asymmetry_and_norm(arr, threads=threads)
+    asym, scale, finite, a_norm = asymmetry_and_norm(arr, threads=caller_threads())
     if not finite:
         check_finite(arr, "A")
     rtol = 100.0 * float(np.finfo(arr.dtype).eps)
     if asym > rtol * max(scale, np.finfo(np.float64).tiny):
         check_symmetric(arr, "A")  # raises with the standard message
-    return a_norm
-
-
-#: With two or more threads allowed, ``A``'s check runs on a helper thread while ``Pencil`` copies and
-#: checks ``B``, for ``OVERLAP_MIN_DIM ≤ d < 2048`` (from 2048 on each check splits over two threads
-#: itself). d = 512, 2 threads: 0.2 ms saved when both are in cache, up to 0.4 ms when not.
-_OVERLAP_MIN_DIM = 256
-_helper: concurrent.futures.ThreadPoolExecutor | None = None
-_helper_lock = threading.Lock()
-
-
-def _in_helper_thread(
-    fn: Callable[..., Any], *args: Any, **kwargs: Any
-) -> concurrent.futures.Future[Any]:
-    """Run ``fn`` on rqcore's one helper thread (started on first use; a new thread per call costs
-    more than the check at d = 512)."""
-    global _helper
-    with _helper_lock:
-        if _helper is None:
-            _helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rqcore-check")
-    return _helper.submit(fn, *args, **kwargs)
+    return arr, arr.shape[0], arr.dtype, False, a_norm
 
 
 def _apply_symmetric(A: Any, V: FloatArray) -> FloatArray:
@@ -1324,37 +1289,15 @@ def generalized_topk(
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
-    A, d, dtype, is_operator, a_norm = _validate_A(A, check=False)
-    pending = None  # A's check on the helper thread while B is copied and checked
-    if not is_operator:
-        overlap = (
-            B is not None
-            and not isinstance(B, Pencil)
-            and _OVERLAP_MIN_DIM <= d < _TWO_THREAD_MIN_DIM
-            and caller_threads() > 1
-        )
-        if overlap:
-            pending = _in_helper_thread(_check_dense_A, A, threads=1)
-        else:
-            a_norm = _check_dense_A(A, threads=caller_threads())
+    A, d, dtype, is_operator, a_norm = _validate_A(A)
     if isinstance(B, Pencil):
         pencil = B
         if pencil.dim != d:
             raise ValueError(f"the pencil has dimension {pencil.dim} but A is {d}x{d}.")
     else:
-        try:
-            if B is not None and np.shape(B) != (d, d):
-                raise ValueError(f"B has shape {np.shape(B)} but A is {d}x{d}; they must match.")
-            pencil = Pencil(B, reg=reg, dim=d)
-        except Exception:
-            if pending is not None:
-                try:
-                    pending.result()
-                except Exception as a_error:  # A's own error comes first, as without the helper
-                    raise a_error from None
-            raise
-    if pending is not None:
-        a_norm = pending.result()
+        if B is not None and np.shape(B) != (d, d):
+            raise ValueError(f"B has shape {np.shape(B)} but A is {d}x{d}; they must match.")
+        pencil = Pencil(B, reg=reg, dim=d)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an integer, got {type(k).__name__}.")
     if not 1 <= k <= d:

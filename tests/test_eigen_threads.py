@@ -221,9 +221,9 @@ def _pencil_300(seed=31):
         ("nan", "asymmetric", "A contains"),
     ],
 )
-def test_checks_of_A_on_the_helper_thread(bad_A, bad_B, match):
-    """With two threads, A's check runs on a helper thread while B is checked and factored: the same
-    errors, in the same order of precedence, and the same results as on one thread."""
+def test_input_errors_on_two_threads(bad_A, bad_B, match):
+    """On two threads the checks of A and B give the same errors, in the same order of precedence,
+    as on one thread (d = 300: single-threaded check kernels, two-thread factorization)."""
     A, B = _pencil_300()
     if bad_A == "asymmetric":
         A = A.copy()
@@ -241,21 +241,12 @@ def test_checks_of_A_on_the_helper_thread(bad_A, bad_B, match):
             generalized_topk(A, B, 4, reg=0.0 if bad_B == "indefinite" else 1e-3)
 
 
-def test_helper_thread_check_gives_the_same_result(monkeypatch):
-    import rqcore.generalized as gen
-
+def test_two_threads_give_the_one_thread_result():
     A, B = _pencil_300()
-    used = []
-    submit = gen._in_helper_thread
-    monkeypatch.setattr(
-        gen, "_in_helper_thread", lambda *a, **kw: used.append(1) or submit(*a, **kw)
-    )
     with threadpool_limits(1):
         one = generalized_topk(A, B, 6, reg=1e-3, seed=0)
-    assert not used  # one thread allowed: no helper
     with threadpool_limits(2):
         assert rqcore._threads.caller_threads() == 2
         two = generalized_topk(A, B, 6, reg=1e-3, seed=0)
-    assert used == [1]
     np.testing.assert_allclose(two.values, one.values, rtol=1e-13)
     assert two.converged and two.residuals.max() <= 1e-10
