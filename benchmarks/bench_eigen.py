@@ -158,6 +158,26 @@ class Kernels:
         self.asymmetry_and_norm(self.S, threads=2)
 
 
+class SymmetryCheck:
+    """The symmetry/finiteness/norm pass at the sizes of the single-vector path, on one thread: a
+    C-ordered matrix up to 2 MiB takes the row-order kernel, an F-ordered one (``Pencil``'s copy of
+    ``B``) the tiled one."""
+
+    params: ClassVar[Any] = ((512, 1024), ("C", "F"))
+    param_names: ClassVar[list[str]] = ["d", "order"]
+
+    def setup(self, d: int, order: str) -> None:
+        from rqcore._eigen_kernels import asymmetry_and_norm
+
+        G = np.random.default_rng(0).standard_normal((d, d))
+        self.S = np.array(G + G.T, order=order)
+        self.asymmetry_and_norm = asymmetry_and_norm
+        asymmetry_and_norm(np.array(self.S[:64, :64], order=order))  # compile outside the timing
+
+    def time_symmetry_check(self, d: int, order: str) -> None:
+        self.asymmetry_and_norm(self.S, threads=1)
+
+
 class SubsetEigh:
     """The dense path's eigensolver on a reduced matrix ``L⁻¹AL⁻ᵀ``: rqcore's ``sytrd`` + ``stemr``
     against SciPy's ``syevr`` subset driver (bisection and inverse iteration for a subset)."""
