@@ -515,8 +515,8 @@ class _RecordedReducedOperator(scipy.sparse.linalg.LinearOperator):
     """``C = L⁻¹AL⁻ᵀ`` for ARPACK, one vector per product, keeping each product's ``x``, ``L⁻ᵀx`` and
     ``AL⁻ᵀx``.
 
-    A product is two ``trsv`` around one ``symv``, called directly (no wrappers, no copies beyond the
-    result). ``matvec`` is overridden itself, not only ``_matvec``: ARPACK's driver calls it once per
+    A product is two ``trsv`` around one ``symv``, called directly (no wrappers; the only copies are
+    the three record columns). ``matvec`` is overridden itself, not only ``_matvec``: ARPACK's driver calls it once per
     step, and the base class's shape checks and reshapes cost a few µs each time.
 
     Every Ritz vector ARPACK returns lies in the span of the vectors it multiplied (a Krylov space), so
@@ -600,10 +600,7 @@ def _back_from_products(
     together. Returns None when ``Y'`` misses ``Y`` by more than ``0.1·tol`` (relative): then the
     caller takes the direct way.
     """
-    X, Z, W = recorded
-    n = X.shape[1]
-    if n > X.shape[0]:
-        return None
+    X, Z, W = recorded  # at most d columns (the recording limit), so XᵀX can be definite
     G = gemm(X, X, trans_a=True)
     R = gemm(X, np.asfortranarray(Y, dtype=X.dtype), trans_a=True)
     # SciPy's LAPACK (posv reads G's upper triangle): NumPy's solve goes to NumPy's own OpenBLAS,
