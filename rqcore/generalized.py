@@ -499,6 +499,26 @@ _SINGLE_VECTOR_TOL_FACTOR = 100.0
 #: still 1.6-3× faster than the warm block Davidson (whose small blocks are overhead-bound there);
 #: at d = 2048 the Davidson is ≈ 25 % faster (measured, 1 thread).
 _SINGLE_VECTOR_WARM_MAX_D = 1536
+#: ARPACK's Lanczos basis is ``ncv = max(2k + 1, this)`` vectors (``eigsh``'s default floor is 20).
+#: Total products over power-law pencils (α = 0.5, 1, 2; four seeds each; d = 512 … 4096 for k = 8,
+#: 512 and 1024 otherwise), for ``ncv`` = 2k+1 / … / 20: k = 2 (5, 8, 12, 20): 492 / 459 / 482 / 555;
+#: k = 4 (9, 12, 16, 20): 532 / 545 / 593 / 633; k = 8 (16 … 20): 1556 / 1555 / 1550 / 1578 / 1582;
+#: from k = 16 on ``2k + 1`` was within 2 % of the best ``ncv`` up to ``2k + 8``.
+_SINGLE_VECTOR_MIN_NCV = 8
+
+
+def _longest_repeat(values: NDArray[Any], tol: float) -> int:
+    """Length of the longest run of equal eigenvalues in ``values`` (sorted), equal meaning within
+    ``10·tol`` of the largest ``|value|``; 1 when all are distinct, 0 when there are none."""
+    if values.size < 2:
+        return int(values.size)
+    scale = float(np.max(np.abs(values)))
+    equal = np.abs(np.diff(np.asarray(values, dtype=np.float64))) <= 10.0 * tol * scale
+    longest = run = 1
+    for same in equal:
+        run = run + 1 if same else 1
+        longest = max(longest, run)
+    return longest
 
 
 def _use_single_vector(d: int, k: int) -> bool:
@@ -636,7 +656,7 @@ def _single_vector_lanczos(
     are None when not at hand (and then ``Y`` is ARPACK's), or None when ARPACK does not converge.
     """
     d = pencil.dim
-    ncv = min(max(2 * k + 1, 20), d - 1)  # eigsh's default
+    ncv = min(max(2 * k + 1, _SINGLE_VECTOR_MIN_NCV), d - 1)
     # Recording pays while the normal equations (d·n²) cost less than the direct back-transform (3d²k).
     limit = min(d, max(2 * ncv, math.isqrt(3 * d * k)))
     op = _RecordedReducedOperator(A, pencil, limit, start=2 * ncv)
@@ -646,7 +666,7 @@ def _single_vector_lanczos(
         v0 = np.asarray(start.sum(axis=1), dtype=A.dtype)
     try:
         theta, Y = scipy.sparse.linalg.eigsh(
-            op, k, which="LA", tol=_SINGLE_VECTOR_TOL_FACTOR * tol, v0=v0
+            op, k, which="LA", tol=_SINGLE_VECTOR_TOL_FACTOR * tol, v0=v0, ncv=ncv
         )
     except scipy.sparse.linalg.ArpackNoConvergence:  # pragma: no cover - the block path takes over
         return None
@@ -1056,11 +1076,15 @@ def _iterative(
             values, vectors, residuals, Y_out = _finalize(
                 A, pencil, Y1, (a_norm, m_norm), largest, V=V1, AV=AV1, theta=theta1
             )
-            if bool(np.all(residuals <= tol)):
+            copies = _longest_repeat(values, tol)
+            if copies < 2 and bool(np.all(residuals <= tol)):
                 return values, vectors, residuals, products, label, Y_out, None
-            # Rounding or a loose ARPACK estimate: the block iteration takes over from a random start
-            # (a start block holding some pairs converged to ~1e-17 and others not made the block
-            # iteration stall in a test, so it is not started from these vectors).
+            # A repeated eigenvalue among the wanted ones (its missing copies enter a single-vector
+            # Krylov space by rounding only), rounding or a loose ARPACK estimate: the block iteration
+            # takes over, with a block wider than the run of copies seen (up to k, which suffices for
+            # the k wanted pairs), from a random start (a start block holding some pairs converged to
+            # ~1e-17 and others not made the block iteration stall in a test).
+            b = min(k, max(b, copies + 1))
     while True:
         if method == "lanczos":
             res: KrylovResult = block_lanczos(
