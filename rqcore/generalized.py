@@ -1255,9 +1255,11 @@ def generalized_topk(
     ``"lanczos"``
         For a dense ``A``, ``largest=True`` and small ``k`` (``k ≤ 8``, or ``k ≤ 32`` with
         ``d ≤ 1536``; warm starts only for ``d ≤ 1536``) a single-vector implicitly restarted Lanczos
-        (ARPACK, BLAS-2 ``trsv``/``symv`` products called directly) runs first; its result is accepted
-        only if the true measure of every pair is below ``tol``, otherwise the block iteration solves
-        the problem. Otherwise:
+        (ARPACK, ``ncv = max(2k+1, 8)``, BLAS-2 ``trsv``/``symv`` products called directly) runs
+        first; its result is accepted only if the true measure of every pair is below ``tol`` and no
+        two of its eigenvalues are equal (within ``10·tol`` relative: a single-vector Krylov space
+        sees the copies of a repeated eigenvalue through rounding only), otherwise the block
+        iteration solves the problem. Otherwise:
         thick-restart block Lanczos with full (block CGS2) reorthogonalization; ``C`` is applied as two
         triangular solves around a product with ``A`` (never formed; BLAS ``trsm``/``gemm`` directly,
         no copies). It stops as soon as the true residual measure of every wanted pair is below

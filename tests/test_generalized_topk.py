@@ -144,7 +144,9 @@ def test_repeated_top_eigenvalue_every_k(copies, method):
             np.testing.assert_allclose(res.values, top[:k], rtol=0, atol=C_EIG * EPS * 5.0)
             assert np.max(res.residuals) <= 1e-8
             n5 = min(k, copies)  # the returned copies of 5 span part of its eigenspace
-            angles = scipy.linalg.subspace_angles(res.vectors[:, :n5], V[:, np.argsort(lam)[-copies:]])
+            angles = scipy.linalg.subspace_angles(
+                res.vectors[:, :n5], V[:, np.argsort(lam)[-copies:]]
+            )
             assert angles.size == n5 and np.max(angles) <= 1e-6
 
 
