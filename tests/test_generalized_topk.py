@@ -148,6 +148,7 @@ def test_repeated_top_eigenvalue_every_k(copies, method):
                 res.vectors[:, :n5], V[:, np.argsort(lam)[-copies:]]
             )
             assert angles.size == n5 and np.max(angles) <= 1e-6
+            assert np.max(np.abs(res.vectors.T @ M @ res.vectors - np.eye(k))) <= 1e-10
 
 
 def test_longest_repeat():
