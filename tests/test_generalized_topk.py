@@ -663,6 +663,46 @@ def test_lobpcg_preconditioner_forms(largest):
         check_result(res, A, reg_M(B, 1e-3), 4, largest)
 
 
+@pytest.mark.parametrize(
+    ("d", "k", "seed"),
+    [
+        (80, 20, 1),
+        (120, 30, 2),
+        (200, 50, 3),
+    ],  # k = d/4: the search space [X, W, P] nearly fills R^d
+)
+def test_lobpcg_almost_complete_search_space(d, k, seed):
+    # Before session 12 the implicit images of P carried amplified rounding here: LOBPCG reached the
+    # answer, then fell apart (values off by 5 % of λ_max after 200 iterations, ConvergenceWarning).
+    A, B = power_law_pencil(d, seed=seed)
+    res = generalized_topk(A, B, k, reg=1e-3, method="lobpcg", seed=0)
+    assert res.converged
+    check_result(res, A, reg_M(B, 1e-3), k, True)
+
+
+def test_lobpcg_tolerance_below_rounding_keeps_the_best_pairs():
+    # A tolerance below what rounding allows: the run must not degrade while it keeps trying
+    # (before session 12: values off by 43 % of λ_max after 300 iterations).
+    A, B = power_law_pencil(300, seed=3)
+    M = reg_M(B, 1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        res = generalized_topk(A, B, 4, reg=1e-2, method="lobpcg", tol=1e-17, seed=0)
+    check_result(res, A, M, 4, True, tol=1e-12)
+    assert res.converged == bool(np.all(res.residuals <= 1e-17))
+
+
+def test_lobpcg_repeated_smallest_eigenvalue():
+    # Ten copies of the smallest eigenvalue, k = 8 (before session 12: [2.56, 3.85, …, 51.8]).
+    lam = np.r_[np.full(10, 1.0), np.linspace(2.0, 100.0, 190)]
+    A, M, _ = analytic_pencil(lam, seed=0)
+    res = generalized_topk(A, M, 8, reg=0.0, method="lobpcg", largest=False, seed=0)
+    assert res.converged
+    np.testing.assert_allclose(res.values, np.ones(8), rtol=0, atol=C_EIG * EPS * 100.0)
+    gram = res.vectors.T @ M @ res.vectors
+    assert np.max(np.abs(gram - np.eye(8))) <= 1e-10
+
+
 @pytest.mark.parametrize("method", ["lanczos", "lobpcg"])
 def test_maxiter_too_small(method):
     A, B = power_law_pencil(300, alpha=0.3, seed=13)
