@@ -74,13 +74,22 @@ def _orthonormalize_against(
     Columns that vanish (the Krylov space became invariant, or repeated eigenvalues outnumber the block)
     are replaced by random directions, which is what lets a block method find every copy of a repeated
     eigenvalue.
+
+    The vanishing part is found by a QR with column pivoting, so the kept columns of ``Q`` span the
+    significant part of ``Z`` whatever the column order. (An unpivoted QR whose first column was
+    rounding noise orthogonalized the later columns against that noise; replacing it by a random
+    direction then lost their components along it, which broke the block Lanczos relation
+    ``CV = VH + QF``: a start block holding exact eigenvectors stalled with residual estimates far
+    below the true residuals.)
     """
-    Q, R = np.linalg.qr(Z)
+    Q, R, _ = scipy.linalg.qr(Z, mode="economic", pivoting=True, check_finite=False)
     diag = np.abs(np.diag(R))
     eps = float(np.finfo(Z.dtype).eps)
     tiny = diag <= 1e3 * eps * max(scale, float(np.finfo(np.float64).tiny))
     if tiny.any() or (diag.size and diag.min() < 1e-4 * max(float(diag.max()), scale)):
-        if tiny.any():
+        if (
+            tiny.any()
+        ):  # pivoting puts them last: the leading columns keep span(Z)'s significant part
             Q[:, tiny] = rng.standard_normal((Q.shape[0], int(tiny.sum()))).astype(Q.dtype)
         for _ in range(2):  # cancellation: project again, then re-normalize
             if V.shape[1]:

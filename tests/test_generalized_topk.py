@@ -211,6 +211,44 @@ def test_float32(method, largest):
     assert np.max(np.abs(V.T @ M @ V - np.eye(5))) <= 1e-4
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_float64_A_with_float32_B_solves_in_float64(method):
+    # The working precision is float64 unless both are float32: B is factored in float64 (before
+    # session 12 the factor stayed float32, residuals 7e-10 against the 1e-10 default tolerance).
+    A, B = power_law_pencil(300, seed=3)
+    B32 = B.astype(np.float32)
+    res = generalized_topk(A, B32, 4, reg=1e-2, method=method, seed=0)
+    assert res.vectors.dtype == np.float64 and res.pencil.dtype == np.float64
+    check_result(res, A, reg_M(B32.astype(np.float64), 1e-2), 4, True)
+    np.testing.assert_allclose(
+        res.residuals, pair_residuals(A, res.pencil, res.values, res.vectors), rtol=1e-3, atol=1e-15
+    )
+
+
+def test_float32_pencil_with_float64_A_is_factored_again():
+    A, B = power_law_pencil(300, seed=3)
+    P32 = Pencil(B.astype(np.float32), reg=1e-2)
+    with pytest.warns(RqcoreWarning, match="float32 but A is float64"):
+        res = generalized_topk(A, P32, 4, seed=0)
+    assert res.pencil is not P32 and res.pencil.dtype == np.float64
+    check_result(res, A, reg_M(B.astype(np.float32).astype(np.float64), 1e-2), 4, True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pencil_keeps_its_own_B(method):
+    # Pencil(B) copies B: changing the caller's array afterwards must not change the pencil (before
+    # session 12 the shift-invert path read the new B beside the old factor: 8.5e-2 value error).
+    A, B = power_law_pencil(300, seed=9)
+    Bw = B.copy()
+    P = Pencil(Bw, reg=1e-3)
+    Bw[:] = np.eye(300)
+    assert not P.B.flags.writeable
+    res = generalized_topk(A, P, 4, largest=False, method=method, seed=0)
+    check_result(res, A, reg_M(B, 1e-3), 4, False)
+    shared = Pencil(Bw, reg=1e-3, copy=False)
+    assert np.shares_memory(shared.B, Bw) and not shared.B.flags.writeable
+
+
 @pytest.mark.parametrize("method", ["auto", *METHODS])
 @pytest.mark.parametrize("largest", [True, False])
 def test_operator_and_sparse_input(method, largest):
@@ -233,6 +271,52 @@ def test_sparse_B_warns():
     with pytest.warns(RqcoreWarning, match="sparse"):
         res = generalized_topk(A, scipy.sparse.csr_array(B), 4, reg=1e-3)
     check_result(res, A, reg_M(B, 1e-3), 4, True)
+
+
+@pytest.mark.parametrize("exact_columns", [2, 4])
+def test_block_lanczos_start_with_exact_eigenvectors(exact_columns):
+    # Exact eigenvectors in the start block make their residual columns rounding noise. Before
+    # session 12 an unpivoted QR orthogonalized the other columns against that noise and the noise was
+    # then replaced by random directions, which broke the Lanczos relation: 300 block products
+    # without converging, residual estimates far below the true residuals.
+    from rqcore._eigen_kernels import residual_thresholds
+    from rqcore._lanczos import block_lanczos
+
+    d = 300
+    rng = np.random.default_rng(0)
+    lam = np.sort(1.0 / np.linspace(0.003, 1.0, d))[::-1]
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    T = (Q * lam) @ Q.T
+    T = (T + T.T) / 2
+    norm = float(np.abs(T).sum(0).max())
+    res = block_lanczos(
+        lambda Y: T @ Y,
+        d,
+        8,
+        largest=True,
+        block=8,
+        maxbasis=40,
+        thresholds=lambda th, vn: residual_thresholds(th, 1e-10, norm, 0.0),
+        maxiter=300,
+        start=Q[:, :exact_columns],
+        rng=np.random.default_rng(1),
+        dtype=np.dtype(np.float64),
+    )
+    assert res.converged and res.iterations <= 20
+    true = np.linalg.norm(T @ res.Y - res.Y * res.theta, axis=0)
+    assert np.max(true) <= 1e-10 * norm
+    np.testing.assert_allclose(res.theta, lam[:8], rtol=0, atol=C_EIG * EPS * lam[0])
+
+
+@pytest.mark.parametrize("method", ["auto", "lanczos"])
+def test_warm_start_from_fewer_converged_pairs_smallest(method):
+    # A previous result with fewer pairs than k (largest=False: shift-invert block Lanczos); before
+    # session 12: 760 block products, residual 3e-5, ConvergenceWarning (the cold solve takes 15).
+    A, B = power_law_pencil(300, seed=5)
+    previous = generalized_topk(A, B, 4, reg=1e-3, largest=False, seed=0)
+    res = generalized_topk(A, previous.pencil, 8, largest=False, v0=previous, method=method, seed=0)
+    assert res.converged and res.iterations <= 30
+    check_result(res, A, reg_M(B, 1e-3), 8, False)
 
 
 @pytest.mark.parametrize("method", ["lanczos", "lobpcg"])
