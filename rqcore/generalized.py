@@ -32,7 +32,7 @@ from rqcore._lanczos import KrylovResult, _wanted_eigh, block_lanczos, warm_bloc
 from rqcore._lobpcg import lobpcg
 from rqcore._threads import caller_threads, driver_threads, wide, widens
 from rqcore._validation import as_float_array, check_finite, check_symmetric
-from rqcore.exceptions import ConvergenceWarning
+from rqcore.exceptions import ConvergenceWarning, RqcoreWarning
 from rqcore.pencil import Pencil
 
 __all__ = ["GeneralizedEigenResult", "generalized_topk", "pair_residuals"]
@@ -67,6 +67,8 @@ class GeneralizedEigenResult:
         The absolute shift ``ε`` added to ``B``'s diagonal.
     pencil : Pencil
         The factored right-hand side, to reuse in the next solve (``generalized_topk(A2, result.pencil, k)``).
+        Built from an array ``B`` it refers to ``B`` without a copy (``Pencil(..., copy=False)``): do not
+        modify ``B`` while reusing it, or pass ``Pencil(B)``, which keeps a copy.
     """
 
     values: FloatArray
@@ -157,7 +159,9 @@ def pair_residuals(
     -------
     residuals : (k,) ndarray of float64
     """
-    pencil = B if isinstance(B, Pencil) else Pencil(B, reg=reg, dim=np.shape(vectors)[0])
+    pencil = (
+        B if isinstance(B, Pencil) else Pencil(B, reg=reg, dim=np.shape(vectors)[0], copy=False)
+    )
     V = np.asarray(vectors, dtype=np.float64)
     lam = np.asarray(values, dtype=np.float64)
     if V.ndim == 1:
@@ -1238,6 +1242,9 @@ def generalized_topk(
     ConvergenceWarning
         When an iterative method does not reach ``tol`` within ``maxiter``; the best pairs found are
         returned with ``converged=False``.
+    RqcoreWarning
+        When ``B`` is sparse (converted to dense), or a float32 :class:`Pencil` comes with float64
+        ``A`` (factored again in float64 for the solve).
 
     Notes
     -----
@@ -1317,10 +1324,23 @@ def generalized_topk(
         pencil = B
         if pencil.dim != d:
             raise ValueError(f"the pencil has dimension {pencil.dim} but A is {d}x{d}.")
+        if pencil.B is not None and pencil.dtype == np.float32 and dtype == np.float64:
+            # A float32 factor would cap a float64 solve at float32 accuracy.
+            warnings.warn(
+                "the Pencil is float32 but A is float64: it is factored again in float64 for this "
+                "solve (build the Pencil from a float64 B to reuse it, or pass float32 A).",
+                RqcoreWarning,
+                stacklevel=2,
+            )
+            pencil = Pencil(pencil.B.astype(np.float64), reg=pencil.reg, copy=False)
     else:
         if B is not None and np.shape(B) != (d, d):
             raise ValueError(f"B has shape {np.shape(B)} but A is {d}x{d}; they must match.")
-        pencil = Pencil(B, reg=reg, dim=d)
+        if dtype == np.float64 and getattr(B, "dtype", None) == np.float32:
+            B = B.astype(
+                np.float64
+            )  # the factor in the working precision (float64 unless both f32)
+        pencil = Pencil(B, reg=reg, dim=d, copy=False)  # no d² copy per solve (documented)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an integer, got {type(k).__name__}.")
     if not 1 <= k <= d:
