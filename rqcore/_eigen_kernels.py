@@ -61,13 +61,36 @@ def _column_norms(X: Any) -> Any:
     return np.sqrt(out)
 
 
+#: Outside ``[_SAFE_NORM_MIN, _SAFE_NORM_MAX]`` a plain sum of squares may have under- or overflowed
+#: (squares leave float64's range below about 1e-154 and above 1e154): such columns are recomputed
+#: with their largest entry scaled out (as LAPACK's ``nrm2`` does, but only where needed).
+_SAFE_NORM_MIN = 1e-140
+_SAFE_NORM_MAX = 1e140
+
+
+def _rescaled_norms(X: NDArray[Any], out: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Recompute, with scaling, the entries of ``out`` (norms of ``X``'s columns) outside the safe range."""
+    risky = ~((out >= _SAFE_NORM_MIN) & (out <= _SAFE_NORM_MAX))  # also 0, inf and NaN
+    if not risky.any():
+        return out
+    for j in np.flatnonzero(risky):
+        col = np.asarray(X[:, j], dtype=np.float64)
+        big = float(np.max(np.abs(col))) if col.size else 0.0
+        if big > 0 and np.isfinite(big):
+            out[j] = big * float(np.sqrt(np.sum((col / big) ** 2)))
+    return out
+
+
 def column_norms(X: NDArray[Any]) -> NDArray[np.float64]:
-    """Euclidean norm of each column of a (d, k) block, accumulated in float64."""
+    """Euclidean norm of each column of a (d, k) block, accumulated in float64 (free of spurious
+    under- and overflow: risky columns are recomputed with scaling)."""
     if X.ndim == 1:
         X = X[:, None]
     if X.flags.f_contiguous and not X.flags.c_contiguous:
-        return np.sqrt(np.einsum("ij,ij->j", X, X, dtype=np.float64))
-    return _column_norms(np.ascontiguousarray(X))
+        out = np.sqrt(np.einsum("ij,ij->j", X, X, dtype=np.float64))
+    else:
+        out = _column_norms(np.ascontiguousarray(X))
+    return _rescaled_norms(X, out)
 
 
 @njit(fastmath=False)
@@ -84,9 +107,19 @@ def _pair_residual_norms(AV: Any, MV: Any, lam: Any) -> Any:
 def pair_residual_norms(
     AV: NDArray[Any], MV: NDArray[Any], lam: NDArray[Any]
 ) -> NDArray[np.float64]:
-    """``‖AV[:, j] − λ_j MV[:, j]‖₂`` for every column, fused (no (d, k) temporary)."""
+    """``‖AV[:, j] − λ_j MV[:, j]‖₂`` for every column, fused (no (d, k) temporary; columns whose sum
+    of squares may have under- or overflowed are recomputed with scaling)."""
     lam64 = np.ascontiguousarray(lam, dtype=np.float64)
-    return _pair_residual_norms(np.ascontiguousarray(AV), np.ascontiguousarray(MV), lam64)
+    out = _pair_residual_norms(np.ascontiguousarray(AV), np.ascontiguousarray(MV), lam64)
+    risky = ~((out >= _SAFE_NORM_MIN) & (out <= _SAFE_NORM_MAX))
+    if risky.any():
+        idx = np.flatnonzero(risky)
+        R = (
+            np.asarray(AV[:, idx], dtype=np.float64)
+            - np.asarray(MV[:, idx], dtype=np.float64) * lam64[idx]
+        )
+        out[idx] = _rescaled_norms(R, np.zeros(idx.size))
+    return out
 
 
 @njit(fastmath=False)

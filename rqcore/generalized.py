@@ -108,6 +108,23 @@ def _operator_one_norm(A: Any) -> float:
     return float(scipy.sparse.linalg.onenormest(_SymmetricOperator(A)))
 
 
+def _balancing_scale(a_norm: float, m_norm: float, dtype: np.dtype[Any]) -> float:
+    """A power of two ``s`` that brings ``s·‖A‖₁/‖M‖₁`` near 1 when the ratio is extreme, else 1.
+
+    The iterative drivers square residuals and Gram entries: with ``‖A‖₁/‖M‖₁`` near 1e±150 those
+    under- or overflow (values off by 1e-4 of λ_max with residuals reported as 0, or a LAPACK
+    failure). Scaling ``A`` by a power of two is exact and scales the eigenvalues by ``s`` only; the
+    residual measure of :func:`pair_residuals` does not change.
+    """
+    if not (a_norm > 0 and m_norm > 0 and math.isfinite(a_norm) and math.isfinite(m_norm)):
+        return 1.0
+    exponent = math.log2(a_norm) - math.log2(m_norm)
+    window = 60 if dtype == np.float64 else 20
+    if abs(exponent) <= window:
+        return 1.0
+    return float(2.0 ** (-round(exponent)))
+
+
 class _SymmetricOperator(scipy.sparse.linalg.LinearOperator):
     """Wraps a symmetric operator so that ``rmatvec`` (needed by ``onenormest``) is ``matvec``."""
 
@@ -1255,6 +1272,11 @@ def generalized_topk(
     test stopped it (block Lanczos, warm block Davidson), the measures that test computed as
     ``‖L(Cy − θy)‖`` — the same quantity up to rounding, and at most ``0.9·tol``.
 
+    Scale: when ``‖A‖₁/‖M‖₁`` lies outside ``2^±60`` (``2^±20`` in float32) the iterative methods work on
+    ``2^j·A`` with that ratio near 1 and divide the values by ``2^j`` (exact), so that squared
+    residuals and Gram entries neither under- nor overflow; norms are recomputed with scaling where a
+    sum of squares leaves the safe range. Any scale that float64 represents works.
+
     ``"dense"``
         ``sygst``, then ``sytrd`` + ``stemr`` on the index subset (``syevd`` on all pairs for
         ``k > d/4``). Exact to rounding; costs ``O(d³)`` whatever ``k``. Do not
@@ -1422,6 +1444,17 @@ def generalized_topk(
         converged = True
     else:
         A_work = A if is_operator or A.dtype == work_dtype else A.astype(work_dtype)
+        a_norm_work = a_norm if A_work is A else None
+        if a_norm_work is None:
+            with wide():
+                a_norm_work = _operator_one_norm(A_work)
+        balance = _balancing_scale(a_norm_work, pencil.one_norm, work_dtype)
+        if balance != 1.0:  # extreme scale of A against M: iterate on 2^j·A (exact), map back
+            if isinstance(A_work, scipy.sparse.linalg.LinearOperator):
+                A_work = balance * A_work
+            else:
+                A_work = A_work * work_dtype.type(balance)
+            a_norm_work *= balance
         with driver_threads(d):
             solved = _iterative(
                 A_work,
@@ -1436,11 +1469,13 @@ def generalized_topk(
                 rng=rng,
                 is_operator=is_operator,
                 dtype=work_dtype,
-                a_norm=a_norm if A_work is A else None,
+                a_norm=a_norm_work,
                 v0_reduced=v0_reduced,
                 v0_guard=v0_guard,
             )
         values, vectors, residuals, iterations, used, Y, guard = solved
+        if balance != 1.0:
+            values = values / values.dtype.type(balance)
         converged = bool(np.all(residuals <= tol))
         if not converged:
             warnings.warn(

@@ -313,3 +313,17 @@ def test_asymmetry_and_norm_flags_non_finite_anywhere(d, bad, layout):
         A[i, j] = bad
         assert not asymmetry_and_norm(A)[2], (i, j)
     assert asymmetry_and_norm(S)[2]
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e-160, 1.0, 1e160, 1e200, 1e300])
+def test_norms_free_of_under_and_overflow(scale):
+    from rqcore._eigen_kernels import column_norms, pair_residual_norms
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((50, 3))
+    expected = np.linalg.norm(X, axis=0) * scale
+    for block in (X * scale, np.asfortranarray(X * scale)):
+        np.testing.assert_allclose(column_norms(block), expected, rtol=1e-13)
+    AV, MV, lam = X * scale, np.zeros_like(X), np.ones(3)
+    np.testing.assert_allclose(pair_residual_norms(AV, MV, lam), expected, rtol=1e-13)
+    assert np.all(column_norms(np.zeros((5, 2))) == 0)

@@ -211,6 +211,30 @@ def test_float32(method, largest):
     assert np.max(np.abs(V.T @ M @ V - np.eye(5))) <= 1e-4
 
 
+@pytest.mark.parametrize("scale", [1e-170, 1e-150, 1e150, 1e200])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("largest", [True, False])
+def test_extreme_scale_of_A(scale, method, largest):
+    # Before session 12: values off by 1e-4 (lanczos) and 0.97 (lobpcg) of λ_max at 1e-170 with
+    # residuals reported as 0, LinAlgError from lobpcg at 1e155, residuals inf from dense at 1e200.
+    A, B = power_law_pencil(200, seed=8)
+    M = reg_M(B, 1e-3)
+    res = generalized_topk(A * scale, B, 6, reg=1e-3, method=method, largest=largest, seed=0)
+    assert res.converged
+    ref_w, _, all_w = reference(A, M, 6, largest)
+    np.testing.assert_allclose(
+        res.values / scale, ref_w, rtol=0, atol=C_EIG * EPS * np.max(np.abs(all_w))
+    )
+    assert np.all(np.isfinite(res.residuals)) and np.max(res.residuals) <= 1e-10
+    assert np.min(res.residuals) > 0  # a real measure, not an underflow to zero
+    np.testing.assert_allclose(
+        res.residuals,
+        pair_residuals(A, M, res.values / scale, res.vectors, reg=0.0),
+        rtol=1e-2,
+        atol=1e-14,  # both at rounding level for converged pairs
+    )
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_float64_A_with_float32_B_solves_in_float64(method):
     # The working precision is float64 unless both are float32: B is factored in float64 (before
