@@ -685,6 +685,13 @@ def _single_vector_lanczos(
         v0 = rng.standard_normal(d).astype(A.dtype)
     else:  # warm: the sum of the previous reduced vectors (each weighted equally)
         v0 = np.asarray(start.sum(axis=1), dtype=A.dtype)
+        size = float(np.sum(column_norms(start)))
+        if not float(np.linalg.norm(v0)) > 1e-8 * size:
+            # The columns cancel (e.g. [x, −x]) or vanish: ARPACK rejects a zero start vector.
+            weights = rng.standard_normal(start.shape[1])
+            v0 = np.asarray(start @ weights.astype(start.dtype), dtype=A.dtype)
+            if not float(np.linalg.norm(v0)) > 1e-8 * size or size == 0.0:
+                v0 = rng.standard_normal(d).astype(A.dtype)
     try:
         theta, Y = scipy.sparse.linalg.eigsh(
             op, k, which="LA", tol=_SINGLE_VECTOR_TOL_FACTOR * tol, v0=v0, ncv=ncv

@@ -297,6 +297,23 @@ def test_sparse_B_warns():
     check_result(res, A, reg_M(B, 1e-3), 4, True)
 
 
+@pytest.mark.parametrize("method", ["auto", *METHODS])
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("kind", ["zeros", "cancelling"])
+def test_degenerate_v0(method, largest, kind):
+    # A zero v0, or columns that cancel ([x, −x]): the single-vector path summed the columns and
+    # ARPACK raised "Starting vector is zero" (before session 12); now every method solves.
+    A, B = power_law_pencil(300, seed=9)
+    if kind == "zeros":
+        v0 = np.zeros((300, 4))
+    else:
+        x = np.random.default_rng(3).standard_normal(300)
+        v0 = np.c_[x, -x]
+    res = generalized_topk(A, B, 4, reg=1e-3, method=method, largest=largest, v0=v0, seed=0)
+    assert res.converged
+    check_result(res, A, reg_M(B, 1e-3), 4, largest)
+
+
 @pytest.mark.parametrize("exact_columns", [2, 4])
 def test_block_lanczos_start_with_exact_eigenvectors(exact_columns):
     # Exact eigenvectors in the start block make their residual columns rounding noise. Before
