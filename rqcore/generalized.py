@@ -358,6 +358,22 @@ def _form_reduced(d: int, k: int, warm: bool) -> bool:
     return False
 
 
+def _check_preconditioner(M: Any, d: int) -> None:
+    """Raise a clear error for a preconditioner of the wrong kind or shape (before any work)."""
+    if isinstance(M, np.ndarray) or scipy.sparse.issparse(M):
+        if M.shape != (d, d):
+            raise ValueError(f"the preconditioner M has shape {M.shape}; it must be ({d}, {d}).")
+        if not np.issubdtype(M.dtype, np.floating):
+            raise TypeError(f"the preconditioner M has dtype {M.dtype}; expected a floating dtype.")
+    elif isinstance(M, scipy.sparse.linalg.LinearOperator):
+        if tuple(M.shape) != (d, d):
+            raise ValueError(f"the preconditioner M has shape {M.shape}; it must be ({d}, {d}).")
+    elif not callable(M):
+        raise TypeError(
+            f"M must be an array, a LinearOperator or a callable, got {type(M).__name__}."
+        )
+
+
 def _as_preconditioner(M: Any) -> Callable[[FloatArray], FloatArray]:
     if isinstance(M, np.ndarray) or scipy.sparse.issparse(M):
         return lambda X: np.asarray(M @ X)
@@ -1393,8 +1409,13 @@ def generalized_topk(
                 f"v0 must have shape (d, m) with d={d} and 1 <= m <= k={k}, got {v0.shape}."
             )
         check_finite(v0, "v0")
-    if tol is not None and not (np.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a finite number > 0, got {tol}.")
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)):
+            raise TypeError(f"tol must be a real number, got {type(tol).__name__} {tol!r}.")
+        if not (np.isfinite(tol) and tol > 0):
+            raise ValueError(f"tol must be a finite number > 0, got {tol}.")
+    if M is not None:
+        _check_preconditioner(M, d)
     if maxiter is not None and (
         isinstance(maxiter, bool) or not isinstance(maxiter, (int, np.integer)) or maxiter < 1
     ):

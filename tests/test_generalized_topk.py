@@ -876,6 +876,13 @@ def test_result_object():
         ({"v0": np.ones((30, 5))}, ValueError, "v0 must have shape"),
         ({"v0": np.full((30, 2), np.nan)}, ValueError, "non-finite"),
         ({"tol": -1.0}, ValueError, "tol"),
+        ({"tol": "1e-3"}, TypeError, "tol must be a real number"),
+        ({"M": np.eye(29), "method": "lobpcg"}, ValueError, "preconditioner M has shape"),
+        (
+            {"M": scipy.sparse.linalg.aslinearoperator(np.eye(31))},
+            ValueError,
+            "preconditioner M has shape",
+        ),
         ({"maxiter": 0}, ValueError, "maxiter"),
         ({"M": 3, "method": "lobpcg"}, TypeError, "M must be"),
         ({"B": Pencil(np.eye(29), reg=0.0)}, ValueError, "pencil has dimension"),
@@ -910,3 +917,21 @@ def test_random_pencils_property(d, k, method, largest, seed):
 def test_compare_script_quick():
     out = run_quick("compare_eigen.py")
     assert "ratio" in out and "eigsh" in out
+
+
+@pytest.mark.parametrize(
+    ("B", "reg"),
+    [
+        (-np.eye(30), 0.0),  # negative trace: ε = reg
+        (np.diag(np.r_[np.ones(29), -0.5]), 1e-3),
+        (np.diag(np.r_[np.ones(29), 0.0]), 0.0),  # singular
+    ],
+)
+def test_not_definite_message_names_a_reg_that_works(B, reg):
+    import re
+
+    with pytest.raises(ValueError, match="not positive definite") as info:
+        Pencil(B, reg=reg)
+    suggested = float(re.search(r"(?:pass|e\.g\.) reg=([0-9.e+-]*[0-9])", str(info.value))[1])
+    assert suggested > reg
+    Pencil(B, reg=suggested)  # factors
