@@ -704,8 +704,8 @@ def _single_vector_lanczos(
         size = float(np.sum(column_norms(start)))
         if not float(np.linalg.norm(v0)) > 1e-8 * size:
             # The columns cancel (e.g. [x, −x]) or vanish: ARPACK rejects a zero start vector.
-            weights = rng.standard_normal(start.shape[1])
-            v0 = np.asarray(start @ weights.astype(start.dtype), dtype=A.dtype)
+            weights = np.asarray(rng.standard_normal(start.shape[1]), dtype=start.dtype)
+            v0 = np.asarray(start @ weights, dtype=A.dtype)
             if not float(np.linalg.norm(v0)) > 1e-8 * size or size == 0.0:
                 v0 = rng.standard_normal(d).astype(A.dtype)
     try:
