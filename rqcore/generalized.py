@@ -59,7 +59,8 @@ class GeneralizedEigenResult:
         Iterations of the back end (0 for the dense method; operator products for the single-vector
         Lanczos path, block products for the block Lanczos).
     converged : bool
-        Whether every pair reached the tolerance.
+        Whether every pair reached the tolerance (for every method; a ``ConvergenceWarning`` says
+        when not).
     method : str
         The back end used (``"dense"``, ``"lanczos"``, ``"lobpcg"``), with the reason for a fallback in
         parentheses, e.g. ``"dense (fallback: k close to d)"``.
@@ -1239,9 +1240,11 @@ def generalized_topk(
     largest : bool, default True
         The largest eigenvalues (True) or the smallest (False).
     tol : float, optional
-        Residual tolerance of the iterative methods, in the measure of :func:`pair_residuals`; default
-        ``1e-10`` in float64, ``1e-5`` in float32 (the working precision is that of ``A`` and ``B``
-        combined: float32 only when both are float32).
+        Residual tolerance, in the measure of :func:`pair_residuals`; default ``1e-10`` in float64,
+        ``1e-5`` in float32 (the working precision is that of ``A`` and ``B`` combined: float32 only
+        when both are float32). The iterative methods iterate until every pair meets it; for
+        ``"dense"`` (exact to rounding in the reduced problem) it is the check behind ``converged``,
+        which an ill-conditioned pencil can fail.
     maxiter : int, optional
         Iteration limit of the iterative methods: block products for ``"lanczos"``, iterations for
         ``"lobpcg"``. Default ``max(100, 20·⌈d/b⌉)`` and ``max(200, min(5000, d))``. Giving it makes
@@ -1281,7 +1284,8 @@ def generalized_topk(
     -----
     ConvergenceWarning
         When an iterative method does not reach ``tol`` within ``maxiter``; the best pairs found are
-        returned with ``converged=False``.
+        returned with ``converged=False``. Also when a dense solve's residuals exceed ``tol`` (an
+        ill-conditioned pencil), with ``converged=False``.
     RqcoreWarning
         When ``B`` is sparse (converted to dense), or a float32 :class:`Pencil` comes with float64
         ``A`` (factored again in float64 for the solve).
@@ -1469,12 +1473,20 @@ def generalized_topk(
         else:
             residuals = _residual_measures(AV, MV, values, vectors, (a_norm, pencil.one_norm))
         iterations = 0
-        converged = True
+        converged = bool(np.all(residuals <= tol))
+        if not converged:
+            warnings.warn(
+                f"generalized_topk ({used}): the worst residual is {float(np.max(residuals)):.2e} > "
+                f"tol={tol:.1e}. LAPACK solved the reduced problem to rounding, so the pencil is too "
+                "ill-conditioned for this tolerance: pass a larger reg, or loosen tol.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
     else:
         A_work = A if is_operator or A.dtype == work_dtype else A.astype(work_dtype)
         a_norm_work = a_norm if A_work is A else None
         if a_norm_work is None:
-            with wide():
+            with driver_threads(d), wide():  # the operator's thread rule (one thread below d = 512)
                 a_norm_work = _operator_one_norm(A_work)
         balance = _balancing_scale(a_norm_work, pencil.one_norm, work_dtype)
         if balance != 1.0:  # extreme scale of A against M: iterate on 2^j·A (exact), map back

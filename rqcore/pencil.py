@@ -90,9 +90,9 @@ class Pencil:
         Dimension, required when ``B`` is None.
     copy : bool, default True
         Keep a private copy of ``B`` (one ``d²`` copy), so that later changes to the caller's array do
-        not change the pencil. With ``copy=False`` the pencil refers to ``B`` itself (read-only through
-        the pencil): modifying ``B`` afterwards leaves the factor of the old ``B`` beside the new ``B``
-        and makes the pencil inconsistent. :func:`~rqcore.generalized_topk` builds the pencil of an
+        not change the pencil. With ``copy=False`` the pencil refers to ``B`` itself: modifying ``B``
+        afterwards leaves the factor of the old ``B`` beside the new ``B`` and makes the pencil
+        inconsistent. :func:`~rqcore.generalized_topk` builds the pencil of an
         array ``B`` with ``copy=False``.
 
     Attributes
@@ -184,10 +184,10 @@ class Pencil:
         if asym > 100.0 * float(np.finfo(B.dtype).eps) * max(scale, np.finfo(np.float64).tiny):
             check_symmetric(B, "B")
         self.dim = d
-        # Read-only through the pencil; a copy unless the caller opted out (see ``copy``).
-        stored = np.array(B, copy=True) if copy else B.view()
-        stored.flags.writeable = False
-        self.B = stored
+        if copy:  # a private, read-only copy (see ``copy``)
+            B = np.array(B, copy=True)
+            B.flags.writeable = False
+        self.B = B
         self.dtype = B.dtype
         trace = float(np.trace(shifted, dtype=np.float64))  # the copy is in cache
         self.reg_used = reg * (trace / d if trace > 0 else 1.0)
