@@ -87,9 +87,8 @@ def _orthonormalize_against(
     eps = float(np.finfo(Z.dtype).eps)
     tiny = diag <= 1e3 * eps * max(scale, float(np.finfo(np.float64).tiny))
     if tiny.any() or (diag.size and diag.min() < 1e-4 * max(float(diag.max()), scale)):
-        if (
-            tiny.any()
-        ):  # pivoting puts them last: the leading columns keep span(Z)'s significant part
+        if tiny.any():
+            # Pivoting put them last: the leading columns keep span(Z)'s significant part.
             Q[:, tiny] = rng.standard_normal((Q.shape[0], int(tiny.sum()))).astype(Q.dtype)
         for _ in range(2):  # cancellation: project again, then re-normalize
             if V.shape[1]:

@@ -1386,9 +1386,8 @@ def generalized_topk(
         if B is not None and np.shape(B) != (d, d):
             raise ValueError(f"B has shape {np.shape(B)} but A is {d}x{d}; they must match.")
         if dtype == np.float64 and getattr(B, "dtype", None) == np.float32:
-            B = B.astype(
-                np.float64
-            )  # the factor in the working precision (float64 unless both f32)
+            # Factor in the working precision (float64 unless both are float32).
+            B = B.astype(np.float64)
         pencil = Pencil(B, reg=reg, dim=d, copy=False)  # no d² copy per solve (documented)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an integer, got {type(k).__name__}.")
