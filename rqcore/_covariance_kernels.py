@@ -23,9 +23,14 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 @njit(fastmath=_FAST)
 def batch_stats(
-    x: NDArray[np.floating], w: NDArray[np.float64], has_w: bool, colsum: NDArray[np.float64]
+    x: NDArray[np.floating],
+    w: NDArray[np.float64],
+    has_w: bool,
+    colsum: NDArray[np.float64],
+    colmax: NDArray[np.float64],
 ) -> tuple[float, float]:
-    """One pass over ``x`` (n, d): ``colsum += Σ w x``; return ``(Σ w, Σ w ‖x‖⁴)``.
+    """One pass over ``x`` (n, d): ``colsum += Σ w x``, ``colmax = max(colmax, max |x|)`` per column;
+    return ``(Σ w, Σ w ‖x‖⁴)``.
 
     The fourth moment doubles as the finiteness check: it is finite exactly when every entry is
     finite (a NaN/Inf row gives NaN/Inf even with weight 0, as ``0·inf = nan``) and nothing overflows,
@@ -42,6 +47,7 @@ def batch_stats(
             v = np.float64(x[i, j])
             r += v * v
             colsum[j] += wi * v
+            colmax[j] = max(colmax[j], abs(v))
         wsum += wi
         q4 += wi * (r * r)
     return wsum, q4

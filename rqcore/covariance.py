@@ -8,6 +8,7 @@ See ``docs/covariance.md`` for the semantics and the measured speed.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -25,6 +26,11 @@ FORMAT_VERSION = 1
 # float32 products are summed by BLAS in float32 over at most this many rows, then added into the
 # float64 total: the error stays ~1e-8 relative however long the stream (a float32 total would drift).
 _F32_CHUNK_ROWS = 4096
+# float32 batches whose scaled rows √w·x reach beyond this range are summed in float64 instead: a chunk
+# of 4096 products of entries up to 1e15 stays below float32's 3.4e38, and entries down to 1e-15 keep
+# their products (≥ 1e-30) normal.
+_F32_SAFE_MIN = 1e-15
+_F32_SAFE_MAX = 1e15
 # Scratch buffers (weighted, centered, cast or non-contiguous input) are capped at this many bytes.
 _BUFFER_BYTES = 32 << 20
 _STATE_KEYS = (
@@ -113,6 +119,34 @@ def _chan_moments(
         + ((b * tr_b - a * tr_a) + na * nb * (na - nb) / (n * n) * dd) * delta
     )
     return m3, m4
+
+
+def _state_scalar(state: Mapping[str, Any], key: str) -> NDArray[Any]:
+    value = np.asarray(state[key])
+    if value.shape != ():
+        raise ValueError(f"state[{key!r}] must be a scalar, got shape {value.shape}.")
+    return value
+
+
+def _state_integer(state: Mapping[str, Any], key: str) -> int:
+    value = _state_scalar(state, key)
+    if value.dtype.kind not in "iu":
+        raise ValueError(f"state[{key!r}] must be an integer, got {value.dtype} {value!r}.")
+    return int(value)
+
+
+def _state_bool(state: Mapping[str, Any], key: str) -> bool:
+    value = _state_scalar(state, key)
+    if value.dtype.kind != "b":
+        raise ValueError(f"state[{key!r}] must be a bool, got {value.dtype} {value!r}.")
+    return bool(value)
+
+
+def _state_real(state: Mapping[str, Any], key: str) -> float:
+    value = _state_scalar(state, key)
+    if value.dtype.kind not in "fiu":
+        raise ValueError(f"state[{key!r}] must be a real number, got {value.dtype} {value!r}.")
+    return float(value)
 
 
 class StreamingCovariance:
@@ -288,7 +322,8 @@ class StreamingCovariance:
         if X.dtype == np.float16:  # no half-precision BLAS: compute in float32
             X = np.asarray(X, dtype=np.float32, order="C")
         colsum = np.zeros(self._dim)
-        wsum, q4 = _k.batch_stats(X, w, has_w, colsum)
+        colmax = np.zeros(self._dim)
+        wsum, q4 = _k.batch_stats(X, w, has_w, colsum, colmax)
         if not np.isfinite(q4):  # NaN/Inf somewhere, or Σ w ‖x‖⁴ overflows
             check_finite(X, "X")  # raises with the position of the first bad value
             raise ValueError(
@@ -297,6 +332,12 @@ class StreamingCovariance:
             )
         if not has_w:
             wsum = float(n)
+        if not np.isfinite(wsum):
+            raise ValueError(
+                f"the batch's total weight overflows float64 (sum of {n} weights); rescale the weights."
+            )
+        if X.dtype == np.float32 and not self._float32_safe(colmax, w, has_w):
+            X = np.asarray(X, dtype=np.float64)
         # ---- validated: from here on the state changes.
         if self._centered:
             self._update_centered(X, w, has_w, colsum, wsum)
@@ -307,6 +348,29 @@ class StreamingCovariance:
             self._sum = self._decay * self._sum + colsum
         self._count += n
         return self
+
+    @staticmethod
+    def _float32_safe(colmax: NDArray[np.float64], w: NDArray[np.float64], has_w: bool) -> bool:
+        """Whether ``ssyrk`` can sum the scaled rows ``√w·x`` without over- or underflow.
+
+        Each column's largest entry (``colmax``), times the largest and the smallest positive ``√w``,
+        must lie in ``[_F32_SAFE_MIN, _F32_SAFE_MAX]`` (conservative: the diagonal products of a column
+        of tiny entries underflowed to 0, and large ones overflowed to inf).
+        """
+        nonzero = colmax[colmax > 0]
+        if nonzero.size == 0:
+            return True
+        if has_w:
+            positive = w[w > 0]
+            if positive.size == 0:
+                return True
+            w_hi, w_lo = math.sqrt(float(positive.max())), math.sqrt(float(positive.min()))
+        else:
+            w_hi = w_lo = 1.0
+        return bool(
+            float(nonzero.max()) * w_hi <= _F32_SAFE_MAX
+            and float(nonzero.min()) * w_lo >= _F32_SAFE_MIN
+        )
 
     def _update_centered(
         self,
@@ -655,7 +719,9 @@ class StreamingCovariance:
                 alpha = frob / (d * d)
                 num = alpha + mu * mu
                 den = (n + 1.0) * (alpha - mu * mu / d)
-                return 1.0 if den == 0.0 else min(num / den, 1.0)
+                # den ∝ the spread of S0's eigenvalues, ≥ 0 but negative by rounding when S0 ∝ I:
+                # then the target is S0 itself and sklearn's α = 1 (min(num/den, 1) gave -8e15).
+                return 1.0 if den <= 0.0 else min(num / den, 1.0)
             beta = (self._fourth / n - frob) / (d * n)
             delta = (frob - 2.0 * mu * tr + d * mu * mu) / d
             beta = min(beta, delta)
@@ -766,14 +832,14 @@ class StreamingCovariance:
         if version != FORMAT_VERSION:
             raise ValueError(f"unsupported state format_version {version} (expected 1).")
         acc = cls(
-            int(np.asarray(state["dim"])),
-            centered=bool(np.asarray(state["centered"])),
-            decay=float(np.asarray(state["decay"])),
+            _state_integer(state, "dim"),
+            centered=_state_bool(state, "centered"),
+            decay=_state_real(state, "decay"),
         )
         d = acc._dim
-        count = int(np.asarray(state["count"]))
-        weight = float(np.asarray(state["total_weight"]))
-        fourth = float(np.asarray(state["fourth"]))
+        count = _state_integer(state, "count")
+        weight = _state_real(state, "total_weight")
+        fourth = _state_real(state, "fourth")
         arrays = {}
         for key, shape in (("sum", (d,)), ("third", (d,)), ("scatter", (d, d))):
             arr = np.array(state[key], dtype=np.float64, order="F")
@@ -781,9 +847,21 @@ class StreamingCovariance:
                 raise ValueError(f"state[{key!r}] has shape {arr.shape}, expected {shape}.")
             check_finite(arr, f"state[{key!r}]")
             arrays[key] = arr
-        if count < 0 or not (np.isfinite(weight) and weight >= 0.0) or not np.isfinite(fourth):
+        if (
+            count < 0
+            or not (np.isfinite(weight) and weight >= 0.0)
+            or not (np.isfinite(fourth) and fourth >= 0.0)
+        ):
             raise ValueError(
-                f"invalid state: count={count}, total_weight={weight}, fourth={fourth}."
+                f"invalid state: count={count}, total_weight={weight}, fourth={fourth} (count and "
+                "total_weight must be >= 0, fourth a finite number >= 0)."
+            )
+        if weight == 0.0 and (
+            fourth != 0.0 or any(np.any(arrays[key] != 0.0) for key in ("sum", "third", "scatter"))
+        ):
+            raise ValueError(
+                "invalid state: total_weight is 0 but the sums are not (a state with no weight holds "
+                "zeros only)."
             )
         acc._count, acc._weight, acc._fourth = count, weight, fourth
         acc._sum, acc._third, acc._scatter = arrays["sum"], arrays["third"], arrays["scatter"]

@@ -50,12 +50,24 @@ def _eigenvalues(values: ArrayLike) -> Float64Array:
     return np.asarray(lam, dtype=np.float64)
 
 
-def _positive_scalar(x: Any, name: str, *, allow_zero: bool = False) -> float:
-    """Return ``x`` as a finite float > 0 (or ≥ 0) or raise ValueError."""
+def _real_scalar(x: Any, name: str) -> float:
+    """Return ``x`` as a float, or raise a TypeError naming the parameter."""
+    if isinstance(x, (str, bytes)) or isinstance(x, bool):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}.")
     try:
-        value = float(x)
+        return float(x)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}.") from None
+
+
+def _power_of_two_scale(x: float) -> float:
+    """The power of two nearest below ``x > 0`` (dividing by it is exact)."""
+    return float(np.ldexp(1.0, int(np.floor(np.log2(x)))))
+
+
+def _positive_scalar(x: Any, name: str, *, allow_zero: bool = False) -> float:
+    """Return ``x`` as a finite float > 0 (or ≥ 0) or raise ValueError."""
+    value = _real_scalar(x, name)
     if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {x!r}.")
@@ -98,7 +110,9 @@ def ratio(values: ArrayLike, tau: float) -> Float64Array:
     """
     lam = np.maximum(_eigenvalues(values), 0.0)
     t = _positive_scalar(tau, "tau")
-    return lam / (lam + t)
+    # 1/(1 + τ/λ) rather than λ/(λ + τ): λ + τ overflows for λ, τ near 1e308 (the gain fell to 0).
+    with np.errstate(divide="ignore", over="ignore"):
+        return np.where(lam > 0.0, 1.0 / (1.0 + t / np.where(lam > 0.0, lam, 1.0)), 0.0)
 
 
 def hard(values: ArrayLike, rank: int) -> Float64Array:
@@ -177,7 +191,7 @@ def threshold(values: ArrayLike, tau: float) -> Float64Array:
     array([1., 1., 0.])
     """
     lam = _eigenvalues(values)
-    t = float(tau)
+    t = _real_scalar(tau, "tau")
     if not np.isfinite(t):
         raise ValueError(f"tau must be finite, got {tau!r}.")
     return (lam >= t).astype(np.float64)
@@ -300,7 +314,7 @@ def _bisect_log_tau(
 
 
 def _fraction(p: Any, name: str) -> float:
-    value = float(p)
+    value = _real_scalar(p, name)
     if not np.isfinite(value) or not 0.0 < value < 1.0:
         raise ValueError(f"{name} must lie strictly between 0 and 1, got {p!r}.")
     return value
@@ -354,13 +368,17 @@ def tau_for_utility_fraction(values: ArrayLike, p: float) -> float:
     total = float(lam.sum())
     if total <= 0.0:
         raise ValueError("no eigenvalue is positive: there is no utility to keep a fraction of.")
-    pos = lam[lam > 0]
+    # U(τ) is invariant to scaling λ and τ together: work with λ / 2^j (exact) so that λ² neither
+    # over- nor underflows, and scale τ back.
+    unit = _power_of_two_scale(float(lam.max()))
+    pos = lam[lam > 0] / unit
+    total_unit = float(pos.sum())
 
     def kept(tau: float) -> float:
-        return float(np.sum(pos * pos / (pos + tau)) / total)
+        return float(np.sum(pos * pos / (pos + tau)) / total_unit)
 
     lo, _ = _bisect_log_tau(kept, target, float(np.median(pos)))
-    return lo
+    return lo * unit
 
 
 def tau_for_penalty_budget(values: ArrayLike, coords: ArrayLike, q: float) -> float:
@@ -420,7 +438,11 @@ def tau_for_penalty_budget(values: ArrayLike, coords: ArrayLike, q: float) -> fl
     if not np.isfinite(c).all():
         raise ValueError("coords contains NaN or Inf.")
     target = _fraction(q, "q")
-    weight = np.sum(np.asarray(c, dtype=np.float64) ** 2, axis=0)  # Σ_rows c_j², per direction
+    c64 = np.asarray(c, dtype=np.float64)
+    top_c = float(np.max(np.abs(c64))) if c64.size else 0.0
+    if top_c > 0.0:  # P(τ) is invariant to scaling c: keep c² inside float64's range
+        c64 = c64 / _power_of_two_scale(top_c)
+    weight = np.sum(c64**2, axis=0)  # Σ_rows c_j², per direction
     total = float(weight.sum())
     if total <= 0.0:
         raise ValueError("the step is zero (all coordinates vanish); it has no penalty to budget.")
@@ -431,11 +453,12 @@ def tau_for_penalty_budget(values: ArrayLike, coords: ArrayLike, q: float) -> fl
             f"the budget q={target:g} cannot bind: only a fraction {reachable:.6g} of the step's penalty "
             "lies on directions with λ > 0, which is what the ratio gain keeps as τ → 0."
         )
-    pos, w = lam[mask], weight[mask]
+    unit = _power_of_two_scale(float(lam.max()))  # τ scales with λ (exact powers of two)
+    pos, w = lam[mask] / unit, weight[mask]
 
     def spent(tau: float) -> float:
         g = pos / (pos + tau)
         return float(np.sum(g * g * w) / total)
 
     _, hi = _bisect_log_tau(spent, target, float(np.median(pos)))
-    return hi
+    return hi * unit

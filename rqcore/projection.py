@@ -156,6 +156,16 @@ def _rows(G: ArrayLike, dim: int, name: str = "G") -> tuple[FloatArray, bool]:
     return arr, was_1d
 
 
+def _real_number(x: Any, name: str) -> float:
+    """``x`` as a float, or a TypeError naming the parameter (strings are not numbers here)."""
+    if isinstance(x, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}.")
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}.") from None
+
+
 def _non_finite_error(name: str) -> ValueError:
     return ValueError(
         f"{name} contains NaN or Inf (or values so large that its coordinates overflow); remove or "
@@ -424,13 +434,16 @@ class RayleighBasis:
             raise ValueError(f"values has shape {lam.shape}; expected ({k},) to match vectors.")
         check_finite(V, "vectors")
         check_finite(lam, "values")
-        eps = float(reg_used)
+        eps = _real_number(reg_used, "reg_used")
         if not np.isfinite(eps) or eps < 0:
             raise ValueError(f"reg_used must be a finite number >= 0, got {reg_used!r}.")
         if B is not None:
             B = as_float_array(B, "B", ndim=2, allowed=_WORK_DTYPES)
             if B.shape != (d, d):
                 raise ValueError(f"B has shape {B.shape} but the basis has dimension d={d}.")
+            pencil = getattr(self, "pencil", None)
+            if pencil is None or B is not pencil.B:  # a Pencil's B was checked when it was factored
+                check_finite(B, "B")
         V = np.ascontiguousarray(V)
         if dual is None:
             if not cp_known:
@@ -871,7 +884,14 @@ class RayleighBasis:
         if not np.isfinite(gperp):
             raise ValueError(f"complement must be finite, got {complement!r}.")
         Vc, MVc = self._cast(G2.dtype)
-        result = _spectral_gate(G2, Vc, MVc, (g - gperp).astype(G2.dtype), gperp, out2)
+        with np.errstate(over="ignore"):
+            scale = (g - gperp).astype(G2.dtype)
+        if not (np.isfinite(scale).all() and np.isfinite(G2.dtype.type(gperp))):
+            raise ValueError(
+                f"the gains (max |g| = {float(np.max(np.abs(g))):.3g}) or complement ({gperp:.3g}) "
+                f"overflow G's dtype {G2.dtype}; pass float64 G or smaller gains."
+            )
+        result = _spectral_gate(G2, Vc, MVc, scale, gperp, out2)
         return result[0] if was_1d else result
 
     def apply(self, G: ArrayLike, out: FloatArray | None = None) -> FloatArray:
@@ -1010,7 +1030,9 @@ class RayleighBasis:
         -----
         ``wᵀ M w = Σ c_j² + rᵀ M r`` exactly (the parts are M-orthogonal) and ``0 ≤ rᵀ M r ≤ μ‖r‖²`` with
         ``μ = min(‖C_p‖_F, ‖C_p‖₁) + ε ≥ λ_max(M)``; subtracting ``ε‖w‖²`` turns both bounds into bounds
-        on ``wᵀ C_p w``. The gap is ``μ‖r‖²``: small when the basis captures the row.
+        on ``wᵀ C_p w``. The gap is ``μ‖r‖²``: small when the basis captures the row. Without ``C_p``
+        (``cp_known=False``, no stored bound) ``μ`` is unknown: ``upper`` is ``inf`` except for rows
+        in the span.
 
         Examples
         --------
@@ -1034,7 +1056,10 @@ class RayleighBasis:
         comp = _kernels.row_sumsq(R)
         shift = self.reg_used * _kernels.row_sumsq(np.ascontiguousarray(G2))
         lower = in_span - shift
-        upper = in_span + self._m_norm_bound * comp - shift
+        if np.isfinite(self._m_norm_bound):
+            upper = in_span + self._m_norm_bound * comp - shift
+        else:  # C_p unknown (cp_known=False): no bound on rᵀMr unless r = 0
+            upper = np.where(comp == 0.0, lower, np.inf)
         return PenaltyEstimate(in_span, comp, lower, upper)
 
     # ------------------------------------------------------------------ state
@@ -1206,7 +1231,7 @@ class NullspaceProjector:
         Cm = as_float_array(C, "C", ndim=2, allowed=_WORK_DTYPES)
         check_finite(Cm, "C")
         check_symmetric(Cm, "C")
-        energy = float(energy)
+        energy = _real_number(energy, "energy")
         if not np.isfinite(energy) or not 0.0 < energy <= 1.0:
             raise ValueError(f"energy must lie in (0, 1], got {energy!r}.")
         d = Cm.shape[0]
@@ -1382,10 +1407,17 @@ class NullspaceProjector:
         if state.get("kind") != "NullspaceProjector":
             raise ValueError(f"not a NullspaceProjector state (kind={state.get('kind')!r}).")
         basis = as_float_array(state["basis"], "basis", ndim=2, allowed=_WORK_DTYPES)
+        check_finite(basis, "state['basis']")
         values = np.array(state["values"], copy=True)
         C = state.get("C")
         if C is not None:
             C = as_float_array(C, "C", ndim=2, allowed=_WORK_DTYPES)
+            check_finite(C, "state['C']")
+            if C.shape != (basis.shape[0], basis.shape[0]):
+                raise ValueError(
+                    f"state['C'] has shape {C.shape} but the basis has {basis.shape[0]} rows; "
+                    "the state is inconsistent."
+                )
         obj = cls.__new__(cls)
         obj._init(C, values, np.array(basis, copy=True), float(state["energy"]))
         return obj

@@ -527,3 +527,68 @@ def test_compare_script_quick_smoke():
     assert "rqcore ms" in out and "X.T@X ms" in out
     assert "BLAS threads: 1" in out
     assert ("PASS" in out) or ("FAIL" in out)
+
+
+# --- session 12: defects found by a black-box review -------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_oas_intensity_stays_in_unit_interval_when_scatter_is_isotropic(seed):
+    # S0 ∝ I up to rounding: the OAS denominator (the spread of S0's eigenvalues) came out slightly
+    # negative and the intensity was -8e15, which made the shrunk covariance indefinite.
+    Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((4, 4)))
+    acc = StreamingCovariance(4).update(500.0 * Q)
+    alpha = acc.shrinkage_intensity("oas")
+    assert 0.0 <= alpha <= 1.0
+    np.testing.assert_allclose(acc.covariance(shrinkage="oas"), 62500.0 * np.eye(4), rtol=1e-12)
+    assert 0.0 <= acc.shrinkage_intensity("ledoit-wolf") <= 1.0
+
+
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize(
+    ("rows", "weights"),
+    [
+        ([[3e19, 1.0], [1.0, 2.0]], None),  # float32 products overflow
+        ([[1.0, 1.0], [2.0, 1.0]], [1e40, 1e40]),  # √w·x beyond float32 products
+        ([[1e-24, 1.0], [3e-24, 2.0]], None),  # products underflow float32
+    ],
+)
+def test_float32_batches_outside_float32_range_are_summed_in_float64(rows, weights, centered):
+    X = np.array(rows)
+    ref = StreamingCovariance(2, centered=centered).update(X, weights=weights).covariance()
+    got = StreamingCovariance(2, centered=centered)
+    got.update(X.astype(np.float32), weights=weights)
+    expected = StreamingCovariance(2, centered=centered)
+    expected.update(X.astype(np.float32).astype(np.float64), weights=weights)
+    assert np.all(np.isfinite(got.covariance()))
+    np.testing.assert_allclose(got.covariance(), expected.covariance(), rtol=1e-6)
+    assert np.all(np.isfinite(ref))
+    pickle.loads(pickle.dumps(got))  # the state stays finite and savable
+
+
+def test_total_weight_overflow_is_rejected_and_state_kept():
+    acc = StreamingCovariance(2).update(np.ones((3, 2)))
+    before = acc.state_dict()
+    with pytest.raises(ValueError, match="total weight overflows"):
+        acc.update(np.zeros((2, 2)), weights=[1e308, 1e308])
+    after = acc.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("dim", np.array(3.7), "must be an integer"),
+        ("centered", np.array("False"), "must be a bool"),
+        ("count", np.array(1e30), "must be an integer"),
+        ("fourth", np.array(-1.0), "fourth a finite number >= 0"),
+        ("total_weight", np.array(0.0), "total_weight is 0 but the sums are not"),
+        ("decay", np.array("x"), "must be a real number"),
+        ("dim", np.array([3]), "must be a scalar"),
+    ],
+)
+def test_from_state_dict_rejects_invalid_values(key, value, match):
+    state = StreamingCovariance(3).update(np.eye(3)).state_dict()
+    state[key] = value
+    with pytest.raises(ValueError, match=match):
+        StreamingCovariance.from_state_dict(state)

@@ -160,3 +160,42 @@ def test_default_gains_median_tau() -> None:
     np.testing.assert_array_equal(default_gains([0.0, -1e-15]), [0.0, 0.0])
     # Scale-free.
     np.testing.assert_allclose(default_gains([4e6, 2e6, 1e6]), default_gains([4.0, 2.0, 1.0]))
+
+
+# --- session 12: defects found by a black-box review -------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-150, 1.0, 1e150, 1e200])
+def test_tau_for_utility_fraction_at_extreme_scales(scale):
+    lam = np.array([1.0, 1e-2, 3e-4]) * scale
+    tau = gates.tau_for_utility_fraction(lam, 0.5)
+    assert tau > 0
+    g = gates.ratio(lam, tau)
+    kept = float(np.sum((lam / lam.max()) * g) / np.sum(lam / lam.max()))
+    assert 0.5 <= kept <= 0.5 + 1e-9
+    np.testing.assert_allclose(tau / scale, gates.tau_for_utility_fraction(lam / scale, 0.5))
+
+
+def test_tau_for_penalty_budget_with_huge_coordinates():
+    tau = gates.tau_for_penalty_budget([1.0, 2.0], [1e200, 1.0], 0.25)
+    assert np.isfinite(tau)
+    np.testing.assert_allclose(tau, 1.0, rtol=1e-9)  # g₁ = 1/(1 + τ) = 1/2
+
+
+def test_ratio_monotone_near_overflow():
+    g = gates.ratio([1.0, 1.7e308], 1e308)
+    assert np.all(np.diff(g) >= 0) and g[1] == pytest.approx(1.7 / 2.7)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: gates.threshold([1.0], None), "tau must be a real number"),
+        (lambda: gates.threshold([1.0], "a"), "tau must be a real number"),
+        (lambda: gates.tau_for_utility_fraction([1.0], "0.5"), "p must be a real number"),
+        (lambda: gates.tau_for_penalty_budget([1.0], [1.0], "q"), "q must be a real number"),
+    ],
+)
+def test_non_numeric_parameters_raise_type_errors(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()

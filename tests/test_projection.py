@@ -430,3 +430,55 @@ def test_protocol(full: RayleighBasis) -> None:
 def test_compare_script_quick_runs() -> None:
     out = run_quick("compare_projection.py")
     assert "overall:" in out and "gate" in out
+
+
+# --- session 12: defects found by a black-box review -------------------------------------------
+
+
+def test_non_finite_B_is_rejected_at_construction():
+    B = np.eye(3)
+    B[0, 1] = np.nan
+    with pytest.raises(ValueError, match="B contains 1 non-finite"):
+        RayleighBasis([2.0, 1.0], np.eye(3)[:, :2], B=B)
+    B[0, 1] = np.inf
+    with pytest.raises(ValueError, match="B contains 1 non-finite"):
+        RayleighBasis([2.0, 1.0], np.eye(3)[:, :2], dual=np.eye(3)[:, :2], B=B)
+
+
+def test_penalty_estimate_without_cp_has_no_finite_upper_bound():
+    basis = RayleighBasis([2.0, 1.0], np.eye(3)[:, :2], dual=np.eye(3)[:, :2], cp_known=False)
+    est = basis.penalty_estimate(np.array([[1.0, 1.0, 1.0], [1.0, 2.0, 0.0]]))
+    assert est.upper[0] == np.inf  # a complement part: rᵀMr unknown (was NaN)
+    assert est.upper[1] == est.lower[1] == 5.0  # in the span: exact
+
+
+def test_gains_beyond_float32_are_an_error_for_float32_G():
+    basis = RayleighBasis([2.0, 1.0], np.eye(3)[:, :2])
+    with pytest.raises(ValueError, match="overflow G's dtype float32"):
+        basis.gate(np.ones((1, 3), np.float32), [1e39, 1.0])
+    out = basis.gate(np.ones((1, 3)), [1e39, 1.0])  # float64 G: fine
+    assert np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: RayleighBasis([2.0], np.eye(2)[:, :1], reg_used="x"), "reg_used must be a real"),
+        (lambda: NullspaceProjector(np.eye(3), energy="a"), "energy must be a real"),
+    ],
+)
+def test_string_parameters_raise_type_errors_naming_them(build, match):
+    with pytest.raises(TypeError, match=match):
+        build()
+
+
+def test_nullspace_state_dict_is_validated():
+    P = NullspaceProjector(np.diag([3.0, 2.0, 1.0]), rank=1)
+    state = P.state_dict()
+    bad = dict(state, C=np.eye(4))
+    with pytest.raises(ValueError, match="state is inconsistent"):
+        NullspaceProjector.from_state_dict(bad)
+    basis = np.array(state["basis"], copy=True)
+    basis[0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        NullspaceProjector.from_state_dict(dict(state, basis=basis))
