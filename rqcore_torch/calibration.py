@@ -10,6 +10,7 @@ state dict → load as separate steps, so an expensive pass is done once.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -402,7 +403,9 @@ class _InputCollector:
         return hook
 
     def _key(self, x: torch.Tensor, target: Target) -> tuple[Any, ...]:
-        return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, target.dim)
+        # The version counter tells an input changed in place between two layers (y = a(x);
+        # x.relu_(); b(x)) from the same input shared by both.
+        return (x.data_ptr(), x._version, tuple(x.shape), tuple(x.stride()), x.dtype, target.dim)
 
     def _match(self, key: tuple[Any, ...], group: str) -> bool:
         for k, ref in self._consumed.get(group, ()):
@@ -493,6 +496,10 @@ def _to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device)
     if isinstance(batch, Mapping):
         return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(
+        batch, "_fields"
+    ):  # a namedtuple takes fields, not one iterable
+        return type(batch)(*(_to_device(v, device) for v in batch))
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
@@ -573,6 +580,22 @@ def _run_pass(
             m.training = flag
     collector.stats.tokens += tokens
     return seen
+
+
+def _restore(stats: CalibrationStatistics, snapshot: CalibrationStatistics) -> None:
+    """Put ``stats`` back to ``snapshot`` in place (accumulators that existed keep their identity)."""
+    groups = {}
+    for name, saved in snapshot.groups.items():
+        current = stats.groups.get(name)
+        if current is None:
+            groups[name] = saved
+        else:
+            current.__dict__.update(saved.__dict__)
+            groups[name] = current
+    stats.groups = groups
+    stats.layers = snapshot.layers
+    stats.batches, stats.tokens = snapshot.batches, snapshot.tokens
+    stats.unreached, stats.unmasked = snapshot.unreached, snapshot.unmasked
 
 
 def _check_reached(
@@ -705,6 +728,9 @@ def calibrate(
             "statistics and merge them, or run the whole pass in one call."
         )
     skip = stats.batches if skip_batches is None else int(skip_batches)
+    # Statistics passed in are restored if the pass fails part-way (a non-finite batch, an error in
+    # the model): the batches already added would otherwise count twice on the resume.
+    snapshot = copy.deepcopy(stats) if statistics is not None else None
     collector = _InputCollector(
         resolved, stats, token_fraction=token_fraction, seed=seed, share_inputs=share_inputs
     )
@@ -720,6 +746,10 @@ def calibrate(
             progress=progress,
             desc="rqcore calibration",
         )
+    except BaseException:
+        if snapshot is not None:
+            _restore(stats, snapshot)
+        raise
     finally:
         collector.remove()
     if seen == 0 and stats.batches == 0:

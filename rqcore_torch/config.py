@@ -25,6 +25,12 @@ LORA_INITS = ("basis", "keep")
 LORA_B_MODES = ("pencil", "adam")
 
 
+def _method_defaults(method: str) -> dict[str, float]:
+    """The fields whose default depends on the method (FoLoRA regularizes more and keeps less)."""
+    folora = method == "folora"
+    return {"tau_fraction": 0.3 if folora else 0.9, "reg": 1e-1 if folora else 1e-4}
+
+
 def _check_fraction(value: Any, name: str, *, closed_low: bool = False) -> float:
     try:
         x = float(value)
@@ -184,11 +190,11 @@ class PreserveConfig:
             if not (math.isfinite(t) and t > 0):
                 raise ValueError(f"tau must be 'auto' or a finite float > 0, got {self.tau!r}.")
             self.tau = t
-        folora = self.method == "folora"
+        defaults = _method_defaults(self.method)
         if self.tau_fraction is None:
-            self.tau_fraction = 0.3 if folora else 0.9
+            self.tau_fraction = defaults["tau_fraction"]
         if self.reg is None:
-            self.reg = 1e-1 if folora else 1e-4
+            self.reg = defaults["reg"]
         p = float(self.tau_fraction)
         if not (math.isfinite(p) and 0 < p < 1):
             raise ValueError(
@@ -279,6 +285,10 @@ class PreserveConfig:
     def from_json_dict(cls, data: Mapping[str, Any], **overrides: Any) -> PreserveConfig:
         """Rebuild from :meth:`to_json_dict`; ``overrides`` replace fields (e.g. a callable ``gate``).
 
+        When ``overrides`` changes ``method``, the method-dependent fields (``reg``,
+        ``tau_fraction``) whose saved values are the saved method's defaults take the new method's
+        defaults, as :func:`~rqcore_torch.preserve` would give them; pass them again to keep them.
+
         Raises
         ------
         ValueError
@@ -291,6 +301,12 @@ class PreserveConfig:
                 f"unknown configuration keys {sorted(unknown)} (file from a newer version?)."
             )
         values = {**dict(data), **overrides}
+        old_method, new_method = data.get("method"), overrides.get("method")
+        if new_method is not None and new_method != old_method and old_method in METHODS:
+            saved_defaults = _method_defaults(str(old_method))
+            for key, default in saved_defaults.items():
+                if key not in overrides and data.get(key) == default:
+                    values[key] = None  # re-derived for the new method in __post_init__
         if values.get("gate") == "<callable>":
             raise ValueError(
                 "the run used a callable gate, which is not saved; pass gate=... to load()."

@@ -392,13 +392,20 @@ class PreservationHandle:
     def _trainable_gated(self) -> Iterator[tuple[Target, str, str, Any, Any, bool]]:
         """(target, group, name, weight, bias, transposed) of every trainable gated weight.
 
-        A frozen weight is skipped; so is a trainable weight whose bias is frozen, because its
-        statistics are augmented with the bias column (a warning says so).
+        A frozen weight is skipped (a trainable bias beside it is left ungated, with a warning: the
+        gate acts on the rows ``[W, b]`` together); so is a trainable weight whose bias is frozen,
+        because its statistics are augmented with the bias column (a warning says so).
         """
         for t in self.targets:
             group = self.statistics.layers[t.name].group
             for pname, w, b, transposed in t.gated:
                 if not w.requires_grad:
+                    if b is not None and b.requires_grad:
+                        logger.warning(
+                            "%s: the weight is frozen but the bias is not; the bias is not gated "
+                            "(it trains unconstrained).",
+                            pname,
+                        )
                     continue
                 if b is not None and not b.requires_grad:
                     logger.warning(

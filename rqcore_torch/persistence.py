@@ -1,6 +1,7 @@
 """Saving and loading a :class:`~rqcore_torch.PreservationHandle` without pickle.
 
-One safetensors file holds the tensors (calibration and task statistics, ``W₀`` snapshots) and a JSON
+One safetensors file holds the tensors (calibration and task statistics, the task statistics tracked
+online during FoLoRA's warm-up, ``W₀`` snapshots) and a JSON
 metadata string (format, version, configuration, layer names, kinds and shapes, step). Loading never
 unpickles code; it checks the schema, then that the model has the same layers with the same shapes, and
 says precisely what does not match.
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,8 +52,18 @@ def save_handle(handle: PreservationHandle, path: str | Path) -> None:
     tensors: dict[str, torch.Tensor] = {}
     stats_t, stats_meta = handle.statistics.state_dict()
     tensors.update({f"stats/{k}": v for k, v in stats_t.items()})
-    task_meta = None
-    task = handle._online_stats if handle._online_stats is not None else handle.task_statistics
+    task_meta = online_meta = None
+    warmup = handle._warmup_pending
+    if warmup:
+        # FoLoRA's warm-up: C_t is still being tracked online. Saved apart from task statistics, so
+        # that the loaded handle keeps tracking and refreshes at the end of the warm-up.
+        task = handle.task_statistics
+        online = handle._online_stats
+        if online is not None and online.groups:
+            online_t, online_meta = online.state_dict()
+            tensors.update({f"online/{k}": v for k, v in online_t.items()})
+    else:
+        task = handle._online_stats if handle._online_stats is not None else handle.task_statistics
     if task is not None and task.groups:
         task_t, task_meta = task.state_dict()
         tensors.update({f"task/{k}": v for k, v in task_t.items()})
@@ -63,6 +75,7 @@ def save_handle(handle: PreservationHandle, path: str | Path) -> None:
         "config": handle.config.to_json_dict(),
         "statistics": stats_meta,
         "task": task_meta,
+        "online": online_meta,
         "layers": {t.name: _layer_meta(t) for t in handle.all_targets},
         "step": handle.step,
     }
@@ -172,6 +185,16 @@ def load(path: str | Path, model: nn.Module, **overrides: Any) -> PreservationHa
             if t.name not in w0_t:
                 raise ValueError(f"{path}: the W₀ snapshot of {t.name!r} is missing.")
             w0[t.name] = w0_t[t.name].to(t.gated[0][1].device)
-    return PreservationHandle(
+    handle = PreservationHandle(
         model, config, targets, stats, task_statistics=task, w0=w0, step=int(meta["step"])
     )
+    if meta.get("online") and handle._online_stats is not None:
+        # Mid-warm-up: continue the online C_t where the saved run left it.
+        online = CalibrationStatistics.from_state_dict(section("online/"), meta["online"])
+        handle._load_online_state(
+            {
+                g: {k: torch.as_tensor(np.asarray(v)) for k, v in acc.state_dict().items()}
+                for g, acc in online.groups.items()
+            }
+        )
+    return handle

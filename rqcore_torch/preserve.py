@@ -106,6 +106,45 @@ def _inject_lora(model: nn.Module, spec: dict[str, Any], resolved: list[Target])
     return chosen
 
 
+def _check_statistics(stats: CalibrationStatistics, resolved: list[Target]) -> None:
+    """Statistics passed to :func:`preserve` must hold data and fit the model's target layers."""
+    if stats.batches == 0 or not stats.layers:
+        raise ValueError(
+            "the calibration statistics are empty (no batch, no layer); pass a calibration loader, "
+            "or statistics from calibrate(model, loader)."
+        )
+    matched = [t for t in resolved if t.name in stats.layers]
+    if not matched:
+        raise ValueError(
+            f"the calibration statistics cover none of the model's target layers (statistics: "
+            f"{sorted(stats.layers)[:5]}…, targets: {[t.name for t in resolved][:5]}…); were they "
+            "computed on this model?"
+        )
+    for target in matched:
+        dim = stats.layers[target.name].dim
+        if dim != target.dim:
+            raise ValueError(
+                f"layer {target.name!r}: the statistics have dimension {dim} but the layer needs "
+                f"{target.dim} ({target.d_in} inputs{' + bias' if target.augmented else ''}); "
+                "recompute them with calibrate(model, loader) on this model."
+            )
+
+
+def _undo_lora(
+    model: nn.Module, trainable: list[tuple[nn.Parameter, bool]], had_config: bool
+) -> None:
+    """Take out the adapters that :func:`_inject_lora` added and restore ``requires_grad`` flags."""
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "lora_A") and isinstance(getattr(module, "base_layer", None), nn.Module):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.base_layer)
+    for param, flag in trainable:
+        param.requires_grad_(flag)
+    if not had_config and hasattr(model, "peft_config"):
+        del model.peft_config
+
+
 def preserve(
     model: nn.Module,
     calib_loader: Iterable[Any] | CalibrationStatistics,
@@ -209,10 +248,32 @@ def preserve(
         )
     lora_spec = None if lora is None else _check_lora(lora)
     resolved = resolve_targets(model, targets)
-    if lora_spec is not None:
+    if lora_spec is None:
+        return _preserve_resolved(model, calib_loader, config, resolved, forward, task_loader)
+    # lora=: the adapters go in first (calibration needs the wrapped layers); any error after that
+    # takes them out again, so a failed call leaves the model as it was.
+    trainable = [(param, param.requires_grad) for param in model.parameters()]
+    had_config = hasattr(model, "peft_config")
+    try:
         chosen = set(_inject_lora(model, lora_spec, resolved))
         resolved = resolve_targets(model, lambda name, _module: name in chosen)
+        return _preserve_resolved(model, calib_loader, config, resolved, forward, task_loader)
+    except BaseException:
+        _undo_lora(model, trainable, had_config)
+        raise
+
+
+def _preserve_resolved(
+    model: nn.Module,
+    calib_loader: Any,
+    config: PreserveConfig,
+    resolved: list[Target],
+    forward: Any,
+    task_loader: Any,
+) -> PreservationHandle:
+    """:func:`preserve` once the targets are resolved: calibration, task statistics, the handle."""
     if isinstance(calib_loader, CalibrationStatistics):
+        _check_statistics(calib_loader, resolved)
         stats = calib_loader
     else:
         stats = calibrate(
