@@ -387,9 +387,10 @@ class FoLoRAAdam(torch.optim.Optimizer):
     ----------
     layers : sequence of SpectralLayer
         The gated layers (one parameter group each; their ``weight``/``bias`` must not be in
-        ``other_params``).
+        ``other_params``). They are fixed at construction: a layer's basis lives in the optimizer's
+        state from the start, so a gated layer cannot be added later with :meth:`add_param_group`.
     other_params : iterable of Parameter
-        Trained with plain AdamW (one group).
+        Trained with plain AdamW (one group). :meth:`add_param_group` adds more plain AdamW groups.
     lr, betas, eps, weight_decay : as :class:`torch.optim.AdamW`
         ``lr`` is in weight units for the gated layers too (see ``SpectralLayer.scale``).
     gate : str or callable, default "ratio"
@@ -439,6 +440,11 @@ class FoLoRAAdam(torch.optim.Optimizer):
     about the same penalty on each direction and the gain rations it by ``λ``. Decoupled weight decay:
     ``W̃ ← W̃ − lr·wd·(g⊥W̃ + (W̃·MV)·diag(g−g⊥)·Vᵀ)``. Cost per layer and step: two ``n·d·k`` products
     (four with a complement, two more with weight decay).
+
+    Each parameter group carries a ``"layer"`` key: a gated layer's name, or None for a plain AdamW
+    group. :meth:`state_dict` saves the bases, gains and step counter with the moments;
+    :meth:`load_state_dict` checks that a state dict was saved over the same layers before changing
+    anything.
     """
 
     def __init__(
@@ -511,6 +517,46 @@ class FoLoRAAdam(torch.optim.Optimizer):
                 raise ValueError(f"lora_pencils names unknown layer {name!r}.")
             self._solve_lora(name, pencil, initial=True)
         self._resolve_all_gains()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group; after construction only plain AdamW groups can be added.
+
+        Parameters
+        ----------
+        param_group : dict
+            As for :meth:`torch.optim.Optimizer.add_param_group` (``"params"`` plus optional
+            ``lr``, ``betas``, ``eps``, ``weight_decay``). Without a ``"layer"`` key (or with
+            ``"layer": None``) its parameters are trained with plain AdamW, like ``other_params``;
+            the key is then set to None.
+
+        Raises
+        ------
+        ValueError
+            If the group names a gated layer that is unknown or already has its group: gated layers
+            are fixed at construction (their bases live in the optimizer's state). The optimizer is
+            then unchanged.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}.")
+        name = param_group.get("layer")
+        if name is not None:
+            self._check_layer_group(name)
+        super().add_param_group(param_group)
+        # Set after torch accepted the group (a rejected group leaves the caller's dict as it was).
+        param_group.setdefault("layer", None)
+
+    def _check_layer_group(self, name: Any) -> None:
+        """Gated layer ``name`` gets its group once, from ``__init__`` (which builds it from the layer)."""
+        hint = (
+            "gated layers are fixed at construction: pass a SpectralLayer in `layers` of a new "
+            "FoLoRAAdam, or add the group without 'layer' (or with 'layer': None) to train its "
+            "parameters with plain AdamW."
+        )
+        layer = self._layers.get(name) if isinstance(name, str) else None
+        if layer is None:
+            raise ValueError(f"param group names unknown gated layer {name!r}; {hint}")
+        if any(g.get("layer") == name for g in self.param_groups):
+            raise ValueError(f"gated layer {name!r} already has its param group; {hint}")
 
     # -------------------------------------------------------------------------------- basis state
     def _lstate(self, name: str) -> dict[str, Any]:
@@ -680,7 +726,7 @@ class FoLoRAAdam(torch.optim.Optimizer):
                 for name, pencil in self.lora_pencils.items():
                     self._solve_lora(name, pencil)
         for group in self.param_groups:
-            if group["layer"] is None:
+            if group.get("layer") is None:
                 self._adamw(group)
             else:
                 self._spectral(group)
@@ -801,9 +847,91 @@ class FoLoRAAdam(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore, bases included, so a resumed run continues exactly."""
+        """Restore, bases included, so a resumed run continues exactly.
+
+        Parameters
+        ----------
+        state_dict : dict
+            From :meth:`state_dict` of a FoLoRAAdam over the same layers, in the same order.
+
+        Raises
+        ------
+        ValueError
+            If the state dict was saved over other layers (group count or sizes, layer names, basis
+            shapes) or its step counter is not an integer >= 0. Everything is checked before anything
+            changes: a rejected state dict leaves the optimizer (and what its load hooks update, such
+            as the :func:`~rqcore_torch.preserve` handle's step) as it was.
+        """
         sd = dict(state_dict)
-        self._global_step = int(sd.pop("folora_global_step", 0))
-        super().load_state_dict(sd)
-        for name, layer in self._layers.items():
-            self._scales[name] = float(self.state[layer.weight]["scale"])
+        raw_step = sd.pop("folora_global_step", 0)
+        if (
+            isinstance(raw_step, bool)
+            or not isinstance(raw_step, (int, np.integer))
+            or raw_step < 0
+        ):
+            raise ValueError(
+                f"folora_global_step must be an integer >= 0, got {raw_step!r}; pass a state dict "
+                "saved by FoLoRAAdam.state_dict()."
+            )
+        step = int(raw_step)
+
+        def apply(opt: torch.optim.Optimizer) -> None:
+            # Runs only once torch has accepted the dict, first among the post-hooks (which then see
+            # the loaded step counter and scales).
+            self._global_step = step
+            for name, layer in self._layers.items():
+                self._scales[name] = float(self.state[layer.weight]["scale"])
+
+        # The check runs last among the pre-hooks (after any that adapt the dict), before torch's own
+        # checks and before any state is replaced.
+        hooks = (
+            self.register_load_state_dict_pre_hook(self._check_loadable),
+            self.register_load_state_dict_post_hook(apply, prepend=True),
+        )
+        try:
+            super().load_state_dict(sd)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _check_loadable(self, opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+        """Raise unless ``sd`` holds, group by group, the same layers and bases of matching shapes."""
+        saved_groups, saved_state = sd.get("param_groups"), sd.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+            return  # torch rejects it with its own message
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"])
+            for s, g in zip(saved_groups, self.param_groups, strict=True)
+        ):
+            return  # torch rejects it with its own message
+        fix = "load a state dict saved by a FoLoRAAdam over the same layers, in the same order."
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            name = group.get("layer")
+            if saved.get("layer") != name:
+                raise ValueError(
+                    f"param group {i} of the state dict is for layer {saved.get('layer')!r} but this "
+                    f"optimizer's group {i} is {'plain AdamW' if name is None else repr(name)}; {fix}"
+                )
+            if name is None:
+                continue
+            layer = self._layers[name]
+            st = saved_state.get(saved["params"][0], {})
+            missing = [k for k in ("values", "vectors", "dual", "scale", "gains") if k not in st]
+            if missing:
+                raise ValueError(
+                    f"the state dict has no basis for layer {name!r} (no {missing}); {fix}"
+                )
+            n, d_in = layer.shape_out_in
+            d = d_in + (layer.bias is not None)
+            shapes = {key: tuple(getattr(value, "shape", ())) for key, value in st.items()}
+            k = shapes["vectors"][1] if len(shapes["vectors"]) == 2 else -1  # the saved basis size
+            moments = (n, d) if self.gate_position == "step" else (n, k)
+            expected = {"vectors": (d, k), "dual": (d, k), "values": (k,), "gains": (k,)}
+            expected.update(exp_avg=moments, exp_avg_sq=moments)
+            expected.update(comp_exp_avg=(n, d), comp_exp_avg_sq=(n, d))
+            for key, shape in expected.items():
+                if key in shapes and shapes[key] != shape:
+                    raise ValueError(
+                        f"layer {name!r}: the state dict's {key} has shape {shapes[key]}, expected "
+                        f"{shape} (rows {n}, d = {d}); {fix}"
+                    )

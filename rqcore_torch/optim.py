@@ -36,14 +36,21 @@ class _Slot:
         self.rows_b = rows[:, d_in] if layer.bias is not None else None
         self.coords = torch.empty((d_out, layer.gate.rank), device=w.device, dtype=w.dtype)
 
-    def views(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight's rows and the bias, read from the parameters at every step.
+    def views(self, after_step: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight's rows and the bias, read from the parameters.
 
-        Taken afresh because ``model.to(...)``, ``.double()`` or ``accelerate.prepare`` replace a
-        parameter's data: views captured once would keep gating an orphaned tensor.
+        Taken afresh before and again after every base step: ``model.to(...)``, ``.double()`` or
+        ``accelerate.prepare`` replace a parameter's data between steps, and an optimizer that assigns
+        ``p.data = ...`` replaces it during one; views captured earlier would gate an orphaned tensor.
         """
         w = self.layer.weight
         if w.device != self.rows.device or w.dtype != self.rows.dtype:  # metadata only: no sync
+            if after_step:
+                raise ValueError(
+                    f"layer {self.layer.name!r}: the base optimizer's step replaced the weight by a "
+                    f"{w.dtype} tensor on {w.device}, so its change cannot be gated (this step was "
+                    "applied ungated); the base step must keep the parameters' dtype and device."
+                )
             raise ValueError(
                 f"layer {self.layer.name!r}: the weight is now {w.dtype} on {w.device} but the gate "
                 f"was built for {self.rows.dtype} on {self.rows.device}; rebuild the optimizer (or "
@@ -52,6 +59,17 @@ class _Slot:
         rows = w.detach().T if self.layer.transposed else w.detach()  # Conv1D stores (d_in, d_out)
         bias = self.layer.bias.detach() if self.layer.bias is not None else None
         return rows, bias
+
+    def unmoved(self, weight_rows: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """Whether the parameters still hold the storage of the views taken before the base step.
+
+        The views keep that storage alive, so a tensor bound during the step cannot reuse its address:
+        an equal pointer means the same memory (about 70 ns per pointer, against ~2 µs for new views).
+        """
+        b = self.layer.bias
+        return self.layer.weight.data_ptr() == weight_rows.data_ptr() and (
+            b is None or b.data_ptr() == bias.data_ptr()  # type: ignore[union-attr]
+        )
 
 
 class GatedOptimizer(torch.optim.Optimizer):
@@ -91,6 +109,12 @@ class GatedOptimizer(torch.optim.Optimizer):
     vanishes for a null-space gate, and one ``addmm``). Memory: one copy of each gated parameter plus
     ``(d_out, k)`` coordinates per layer, allocated once. No host synchronization: nothing reads a
     tensor value, so the step is safe under ``torch.cuda.set_sync_debug_mode("error")``.
+
+    ``W_new`` is read from the parameter after the base step, whatever tensor it then holds: a base
+    optimizer that rebinds ``p.data = ...`` instead of updating in place is gated like one that
+    updates in place (the gated result is written into the newly bound tensor). A base step that
+    changes a gated parameter's dtype or device raises ValueError (its step is then applied
+    ungated).
 
     Gradient clipping acts on the gradient before the base step; the gate acts after it on the parameter
     delta. ``GradScaler.step(gated)`` unscales the real gradients (``param_groups`` are shared) and skips
@@ -240,6 +264,12 @@ class GatedOptimizer(torch.optim.Optimizer):
             if s.rows_b is not None:
                 s.rows_b.copy_(bias)  # type: ignore[arg-type]
         loss = self._optimizer.step(closure) if closure is not None else self._optimizer.step()
+        # A base step that rebinds ``p.data`` leaves the views above on the old tensor, and gating them
+        # would let the real step through: take them again then (the pointers are metadata, no sync).
+        views = [
+            v if s.unmoved(*v) else s.views(after_step=True)
+            for s, v in zip(slots, views, strict=True)
+        ]
         for s, (weight_rows, bias) in zip(slots, views, strict=True):
             # rows ← old − new = −δ; then new + (P − I)δ = new + (1 − c)·rows − (rows·A)·B.
             s.rows_w.sub_(weight_rows)

@@ -52,9 +52,11 @@ class TorchCovariance:
     A float16/bfloat16/float32 batch is multiplied in float32, in chunks of at most 4096 rows, and each
     chunk's product is added into float64 totals; float64 batches are multiplied in float64.
 
-    With ``check_finite=False`` in :meth:`update`, a batch holding NaN/Inf is skipped on the device
-    (the totals keep their previous values, :attr:`skipped_batches` counts it) without synchronizing the
-    host — what a training step on an accelerator needs.
+    With ``check_finite=False`` in :meth:`update`, a batch holding NaN/Inf (in the rows or the weights)
+    is skipped on the device (the totals keep their previous values, :attr:`skipped_batches` counts it)
+    without synchronizing the host — what a training step on an accelerator needs. Negative weights are
+    not a numerical accident but invalid input: both backends raise ValueError for them whatever
+    ``check_finite`` says.
 
     Examples
     --------
@@ -189,10 +191,13 @@ class TorchCovariance:
         X : Tensor of shape (n, dim)
             float16, bfloat16, float32 or float64 rows on the accumulator's device (any layout).
         weights : Tensor of shape (n,), optional
-            Non-negative frequency weights (default: ones).
+            Non-negative frequency weights (default: ones). A negative weight is invalid input and
+            raises whatever ``check_finite`` says, so checking the sign costs one host synchronization
+            per call that passes ``weights`` (none without them).
         check_finite : bool, default True
-            Raise ValueError on NaN/Inf (one host synchronization per call). With False the check stays
-            on the device: a non-finite batch is skipped and counted in :attr:`skipped_batches`.
+            Raise ValueError on NaN/Inf in ``X`` or ``weights`` (one host synchronization per call).
+            With False the NaN/Inf check stays on the device: such a batch is skipped and counted in
+            :attr:`skipped_batches`.
 
         Returns
         -------
@@ -203,8 +208,8 @@ class TorchCovariance:
         TypeError
             If ``X`` is not a floating tensor.
         ValueError
-            On a wrong shape or device, negative weights, or (with ``check_finite``) NaN/Inf; the
-            accumulator is then unchanged.
+            On a wrong shape or device, negative weights (with either ``check_finite``), or (with
+            ``check_finite``) NaN/Inf; the accumulator is then unchanged.
         """
         if not isinstance(X, torch.Tensor):
             raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}.")
@@ -221,8 +226,7 @@ class TorchCovariance:
             if not isinstance(weights, torch.Tensor) or weights.shape != (n,):
                 raise ValueError(f"weights must be a tensor of shape ({n},).")
             weights = weights.to(device=X.device, dtype=torch.float64)
-            if check_finite and bool((weights < 0).any() | ~torch.isfinite(weights).all()):
-                raise ValueError("weights must be finite and non-negative.")
+            _check_weights(weights, check_finite)
         if n == 0:
             return self
         if self._device is None:
@@ -256,7 +260,7 @@ class TorchCovariance:
             self._core.update(
                 X.detach().numpy(), None if weights is None else weights.detach().numpy()
             )
-        except ValueError as exc:  # weights were validated above: this is NaN/Inf in X
+        except ValueError as exc:  # shapes and signs were validated above: this is NaN/Inf
             if check_finite:
                 raise ValueError(f"{exc} The statistics are unchanged.") from None
             self._skipped += 1
@@ -429,6 +433,30 @@ class TorchCovariance:
         return (
             f"{type(self).__name__}(dim={self._dim}, centered={self._centered}, decay={self._decay!r}, "
             f"device={self._device}, backend={self.backend!r})"
+        )
+
+
+def _check_weights(weights: torch.Tensor, check_finite: bool) -> None:
+    """Raise on negative weights (always) and on NaN/Inf weights (with ``check_finite``).
+
+    One host synchronization: both flags are read together.
+    """
+    negative = (weights < 0).any()  # -inf counts as negative; NaN compares False
+    if check_finite:
+        is_negative, non_finite = torch.stack([negative, ~torch.isfinite(weights).all()]).tolist()
+    else:
+        is_negative, non_finite = bool(negative), False
+    if is_negative:
+        first = int(torch.nonzero(weights < 0)[0, 0])
+        raise ValueError(
+            f"weights must be non-negative frequency weights; weights[{first}] = "
+            f"{float(weights[first])!r}. Drop those rows or clip the weights at 0; the statistics "
+            "are unchanged."
+        )
+    if non_finite:
+        raise ValueError(
+            "weights contain NaN or Inf; the statistics are unchanged. Pass finite weights (or "
+            "check_finite=False to skip such a batch on the device)."
         )
 
 
