@@ -46,6 +46,20 @@ class _LayerEntry:
     dim: int
 
 
+def _meta_count(value: Any, name: str) -> int:
+    """A non-negative integer of the statistics metadata (bools and fractions are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name!r} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def _meta_names(value: Any, name: str) -> list[str]:
+    """A list of layer names of the statistics metadata."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
+        raise ValueError(f"{name!r} must be a list of layer names, got {value!r}")
+    return list(value)
+
+
 class CalibrationStatistics:
     """Uncentered second moments of the inputs of each target layer.
 
@@ -62,6 +76,10 @@ class CalibrationStatistics:
         Target layers whose hook never fired (e.g. ``nn.MultiheadAttention.out_proj``).
     unmasked : list of str
         Layers whose input did not have the attention mask's ``(B, T)`` leading shape (not masked).
+    mixed : bool
+        True for the result of :meth:`weighted_merge` (or a calibration of a
+        :func:`~rqcore_torch.mix`): its totals are normalized per source, so :func:`calibrate` does
+        not continue it.
 
     Examples
     --------
@@ -84,6 +102,8 @@ class CalibrationStatistics:
         self.tokens = 0
         self.unreached: list[str] = []
         self.unmasked: list[str] = []
+        #: Built by :meth:`weighted_merge`: totals normalized per source, not continuable by calibrate.
+        self.mixed = False
 
     def __repr__(self) -> str:
         return (
@@ -140,6 +160,7 @@ class CalibrationStatistics:
             "tokens": self.tokens,
             "unreached": list(self.unreached),
             "unmasked": list(self.unmasked),
+            "mixed": self.mixed,
         }
         return tensors, meta
 
@@ -167,12 +188,18 @@ class CalibrationStatistics:
             )
         out = cls()
         try:
-            out.layers = {n: _LayerEntry(str(g), int(d)) for n, (g, d) in meta["layers"].items()}
-            out.batches = int(meta["batches"])
-            out.tokens = int(meta["tokens"])
-            out.unreached = [str(x) for x in meta.get("unreached", [])]
-            out.unmasked = [str(x) for x in meta.get("unmasked", [])]
-        except (KeyError, TypeError, ValueError) as exc:
+            layers = meta["layers"]
+            if not isinstance(layers, Mapping):
+                raise TypeError(f"'layers' must map layer names to [group, dim], got {layers!r}")
+            out.layers = {
+                n: _LayerEntry(str(g), _meta_count(d, "dim")) for n, (g, d) in layers.items()
+            }
+            out.batches = _meta_count(meta["batches"], "batches")
+            out.tokens = _meta_count(meta["tokens"], "tokens")
+            out.unreached = _meta_names(meta.get("unreached", []), "unreached")
+            out.unmasked = _meta_names(meta.get("unmasked", []), "unmasked")
+            out.mixed = bool(meta.get("mixed", False))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed statistics metadata: {exc!r}.") from None
         for group in sorted({e.group for e in out.layers.values()}):
             prefix = f"{group}::"
@@ -226,8 +253,10 @@ class CalibrationStatistics:
     ) -> CalibrationStatistics:
         """Per group, the mixture ``Σ_s w_s C_s`` of normalized covariances.
 
-        Each source's totals are rescaled to total weight ``w_s`` and summed, so the merged
-        :meth:`covariance` is ``Σ_s w_s C_s / Σ_s w_s`` whatever the sources' token counts.
+        Each source's totals are rescaled to total weight ``w_s / max_s w_s`` (only the ratios
+        matter) and summed, so the merged :meth:`covariance` is ``Σ_s w_s C_s / Σ_s w_s`` whatever the
+        sources' token counts. The result is marked :attr:`mixed`: :func:`calibrate` refuses to add
+        batches to it (they would outweigh the mix); merge new statistics in instead.
 
         Raises
         ------
@@ -241,6 +270,10 @@ class CalibrationStatistics:
             or sum(w for _, w in parts) <= 0
         ):
             raise ValueError("weights must be finite, non-negative, and not all zero.")
+        top = max(w for _, w in parts)
+        parts = [
+            (s, w / top) for s, w in parts
+        ]  # only the ratios matter; their sum cannot overflow
         first = parts[0][0]
         layout = {n: (e.group, e.dim) for n, e in first.layers.items()}
         for s, _ in parts[1:]:
@@ -272,6 +305,7 @@ class CalibrationStatistics:
         out.tokens = sum(s.tokens for s, _ in parts)
         out.unreached = sorted({n for s, _ in parts for n in s.unreached})
         out.unmasked = sorted({n for s, _ in parts for n in s.unmasked})
+        out.mixed = True
         return out
 
     def all_reduce_(self) -> CalibrationStatistics:
@@ -717,6 +751,12 @@ def calibrate(
             parts.append((part, weight))
         return CalibrationStatistics.weighted_merge(parts)
     stats = statistics if statistics is not None else CalibrationStatistics()
+    if stats.mixed:
+        raise ValueError(
+            "these statistics are a weighted mix (weighted_merge or mix): their totals are normalized "
+            "per source, so further batches would outweigh the mix. Calibrate the new data into fresh "
+            "statistics and merge them: CalibrationStatistics.weighted_merge([(mixed, w1), (new, w2)])."
+        )
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()

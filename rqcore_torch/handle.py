@@ -121,6 +121,13 @@ def _gain_rule(config: PreserveConfig) -> Callable[[np.ndarray], Any]:
     return lambda lam: fn(lam, **opts)
 
 
+def _ratio(num: float, den: float) -> float:
+    """``num / den`` for the penalty meter: 0 when nothing moved, ``inf`` for a move against ``den = 0``."""
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else math.inf
+
+
 def penalty_terms(W: torch.Tensor, W0: torch.Tensor, C: torch.Tensor) -> tuple[float, float]:
     """``(tr((W−W₀) C (W−W₀)ᵀ), tr(W₀ C W₀ᵀ))`` for rows ``[W | b]`` and input second moments ``C``.
 
@@ -839,6 +846,14 @@ class PreservationHandle:
         Returns
         -------
         PenaltyReport
+
+        Notes
+        -----
+        Both traces are ``≥ 0`` in exact arithmetic, but ``C_p`` summed from float32 products can be
+        indefinite by rounding (eigenvalues of ``-1e-7·‖C_p‖``), and a gate moves weights exactly along
+        its near-null directions: a negative rounding result is reported as 0. A layer whose reference
+        ``W₀`` has no penalty (``tr(W₀ C_p W₀ᵀ) = 0``, e.g. zero-initialized) reports ``inf`` once it
+        moves, and so does the total when every layer is like that.
         """
         per: dict[str, float] = {}
         num_total = den_total = 0.0
@@ -847,12 +862,11 @@ class PreservationHandle:
                 C = self.statistics.covariance(t.name)
                 W = t.effective_weight().to(device=C.device, dtype=torch.float64)
                 W0 = self._w0[t.name].to(device=C.device, dtype=torch.float64)
-                num, den = penalty_terms(W, W0, C)
-                per[t.name] = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+                num, den = (max(value, 0.0) for value in penalty_terms(W, W0, C))
+                per[t.name] = _ratio(num, den)
                 num_total += num
                 den_total += den
-        total = num_total / den_total if den_total > 0 else 0.0
-        return PenaltyReport(per, total)
+        return PenaltyReport(per, _ratio(num_total, den_total))
 
     def report(self) -> Report:
         """Per layer: input size, rank, top eigenvalue, mean gain and penalty (prints as a table)."""
@@ -880,13 +894,12 @@ class PreservationHandle:
             If matplotlib is missing (``pip install matplotlib``).
         """
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            # The object-oriented API draws without pyplot, so the caller's backend stays as it is.
+            from matplotlib.figure import Figure
         except ImportError as exc:
             raise ImportError("handle.plot needs matplotlib: pip install matplotlib") from exc
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        fig = Figure(figsize=(11, 4))
+        ax1, ax2 = fig.subplots(1, 2)
         for group in self.groups:
             proj = self._projectors.get(group)
             if proj is None:
@@ -907,7 +920,6 @@ class PreservationHandle:
             ax2.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(str(path), dpi=100)
-        plt.close(fig)
 
     # ------------------------------------------------------------------ persistence & cleanup
     def save(self, path: str | Path) -> None:
@@ -921,7 +933,12 @@ class PreservationHandle:
             raise RuntimeError("this handle was removed; call rqcore_torch.preserve(...) again.")
 
     def remove(self) -> None:
-        """Detach every hook this handle attached; the model is left as it was before preserve()."""
+        """Detach every hook this handle attached.
+
+        The model then runs as without ``preserve()``, with its parameters as trained. Adapters that
+        ``preserve(..., lora=...)`` added stay in the model, because they hold the finetuning: merge or
+        unload them with PEFT (e.g. ``peft.tuners.lora`` layers' ``merge()``), or save them first.
+        """
         if self._online is not None:
             self._online.remove()
             self._online = None

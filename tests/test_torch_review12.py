@@ -154,3 +154,75 @@ def test_frozen_weight_with_trainable_bias_warns(caplog):
         names = [g.name for g in handle.layer_gates()]
     assert "0.weight" not in names
     assert any("the weight is frozen but the bias is not" in r.getMessage() for r in caplog.records)
+
+
+# --- second review: statistics I/O, meters ------------------------------------------------------
+
+
+def test_penalty_is_never_negative_and_zero_reference_gives_inf():
+    from rqcore_torch.handle import _ratio
+
+    assert _ratio(0.0, 0.0) == 0.0 and _ratio(1.0, 0.0) == float("inf") and _ratio(1.0, 2.0) == 0.5
+    model = nn.Sequential(nn.Linear(4, 3))
+    nn.init.zeros_(model[0].weight)
+    nn.init.zeros_(model[0].bias)
+    handle = preserve(model, [torch.randn(16, 4)], method="none", progress=False)
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    report = handle.penalty()
+    assert report.per_layer["0"] == float("inf") and report.total == float("inf")  # total was 0.0
+    handle.remove()
+
+
+def test_penalty_clamps_rounding_below_zero(monkeypatch):
+    import rqcore_torch.handle as handle_module
+
+    model = _mlp()
+    handle = preserve(model, _data(), method="none", progress=False)
+    monkeypatch.setattr(handle_module, "penalty_terms", lambda W, W0, C: (-1.2e-9, 3.0))
+    report = handle.penalty()
+    assert all(v == 0.0 for v in report.per_layer.values()) and report.total == 0.0
+    handle.remove()
+
+
+def test_plot_keeps_the_callers_matplotlib_backend(tmp_path):
+    import matplotlib
+
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        handle = preserve(_mlp(), _data(), method="gate", progress=False)
+        handle.plot(tmp_path / "spectra.png")
+        assert matplotlib.get_backend().lower() == "svg"  # plot() switched it to Agg before
+        assert (tmp_path / "spectra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        handle.remove()
+    finally:
+        matplotlib.use(previous)
+
+
+def test_mixed_statistics_are_not_continued_and_extreme_weights_merge():
+    model = _mlp()
+    a = calibrate(model, _data(seed=1), progress=False)
+    b = calibrate(model, _data(seed=2), progress=False)
+    mixed = CalibrationStatistics.weighted_merge([(a, 1e308), (b, 1e308)])
+    assert mixed.mixed
+    half = CalibrationStatistics.weighted_merge([(a, 1.0), (b, 1.0)])
+    for name in ("0", "2"):
+        torch.testing.assert_close(mixed.covariance(name), half.covariance(name))
+        assert torch.isfinite(mixed.covariance(name)).all()
+    with pytest.raises(ValueError, match="weighted mix"):
+        calibrate(model, _data(), statistics=mixed, skip_batches=0, progress=False)
+    tensors, meta = mixed.state_dict()
+    assert CalibrationStatistics.from_state_dict(tensors, meta).mixed
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("layers", [["0", 7]]), ("batches", -5), ("tokens", 3.7), ("unreached", "abc")],
+)
+def test_statistics_metadata_is_validated(key, value):
+    stats = calibrate(_mlp(), _data(), progress=False)
+    tensors, meta = stats.state_dict()
+    meta = dict(meta, **{key: value})
+    with pytest.raises(ValueError, match="malformed statistics metadata"):
+        CalibrationStatistics.from_state_dict(tensors, meta)

@@ -48,6 +48,47 @@ def test_trainer_run_with_handle_optimizer(tmp_path):
     assert handle.step == 3
     values = [d["forgetting_penalty"] for d in logged if "forgetting_penalty" in d]
     assert values and all(v > 0 for v in values)
+    # Also in the Trainer's own history (trainer_state.json): Trainer.log copies the logs there
+    # before on_log, so before session 12 the meter never reached it.
+    history = [
+        d["forgetting_penalty"] for d in trainer.state.log_history if "forgetting_penalty" in d
+    ]
+    assert history[: len(values)] == values[: len(history)] and len(history) >= 3
+    handle.remove()
+
+
+def test_penalty_callback_install_goes_first(tmp_path):
+    from rqcore_torch.callbacks import PenaltyCallback
+
+    model = tiny_bert_classifier()
+    handle = preserve(model, calibration_batches(), method="gate", progress=False)
+    seen: list[dict] = []
+
+    class Integration(transformers.TrainerCallback):  # stands for TensorBoard & co., added first
+        def on_log(self, args, state, control, logs=None, **kw):
+            seen.append(dict(logs or {}))
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=TokenLabels(8),
+        optimizers=(handle.optimizer(torch.optim.AdamW, lr=1e-3), None),
+        callbacks=[Integration()],
+    )
+    callback = PenaltyCallback.install(trainer, handle)
+    assert trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+    assert [d for d in seen if "forgetting_penalty" in d]
     handle.remove()
 
 
