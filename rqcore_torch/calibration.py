@@ -316,6 +316,18 @@ class CalibrationStatistics:
         """
         import torch.distributed as dist
 
+        # Every rank must reduce the same groups with the same sizes, in the same order: a mismatch
+        # (ranks that reached other layers) would otherwise abort inside the collective.
+        layout = sorted((g, acc.dim) for g, acc in self.groups.items())
+        layouts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(layouts, layout)
+        if any(other != layout for other in layouts):
+            raise ValueError(
+                "the ranks' calibration statistics differ in layers or sizes (e.g. a rank whose "
+                "batches reached other layers); every rank must run the same model path: "
+                + "; ".join(f"rank {r}: {len(x)} groups" for r, x in enumerate(layouts))
+                + "."
+            )
         for group in sorted(self.groups):
             acc = self.groups[group]
             state = acc.state_dict()

@@ -113,3 +113,28 @@ def test_distributed_statistics_equal_single_pass(tmp_path):
     single = calibrate(model, shards[0] + shards[1], progress=False).covariance("0")
     torch.testing.assert_close(c0, c1, rtol=0, atol=0)
     torch.testing.assert_close(c0, single)
+
+
+def _mismatch_worker(rank: int, world: int, init: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+        targets = None if rank == 0 else ["0"]  # rank 1 reaches one layer fewer
+        try:
+            calibrate(model, [torch.randn(5, 4)], targets=targets, progress=False)
+            message = "no error"
+        except ValueError as exc:
+            message = str(exc)
+        with open(os.path.join(out_dir, f"m{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_layout_mismatch_is_a_clear_error_on_every_rank(tmp_path):
+    # Before session 12 gloo aborted the process (SIGABRT) on the size mismatch.
+    init = f"file://{tmp_path / 'rdzv'}"
+    mp.spawn(_mismatch_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert "differ in layers or sizes" in (tmp_path / f"m{rank}.txt").read_text()
