@@ -11,7 +11,6 @@ with a real proxy set; its weights act on the statistics, not on the batch order
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -311,9 +310,15 @@ def mix(*loaders: Iterable[Any], weights: Sequence[float] | None = None) -> Cali
         raise ValueError(f"weights must be finite, got {w.tolist()}")
     if np.any(w < 0):
         raise ValueError(f"weights must be non-negative, got {w.tolist()}")
-    if not w.sum() > 0:
+    with np.errstate(over="ignore"):
+        total = w.sum()
+    if not total > 0:
         raise ValueError("weights must have a positive sum")
-    w = w / w.sum()
+    if not math.isfinite(total):
+        # Finite weights near the float maximum overflow their sum: scale by the largest first.
+        w = w / w.max()
+        total = w.sum()
+    w = w / total
     sources: list[tuple[Iterable[Any], float]] = []
     for loader, wi in zip(loaders, w, strict=True):
         if isinstance(loader, CalibrationMix):
@@ -351,7 +356,9 @@ def sample_calibration(
     num_samples : int
         Samples to generate (the loader holds fewer when ``dedupe`` drops duplicates).
     max_new_tokens : int
-        Tokens generated per sample at most (a sample stops at its first EOS).
+        Tokens generated per sample at most (a sample stops at its first stop token). The longest
+        prompt plus ``max_new_tokens`` must fit in the model's positions (``config.n_positions`` or
+        ``config.max_position_embeddings``).
     batch_size : int, default 16
         Samples per ``generate`` call and per yielded batch.
     prompts : list of str or list of list of int, optional
@@ -366,9 +373,10 @@ def sample_calibration(
         Keep the k most likely tokens; None disables it (the model's ``generation_config`` is
         overridden here, so Hugging Face's default of 50 does not apply).
     seed : int, optional
-        Makes sampling reproducible. Batch ``k`` is drawn with a seed derived from ``(seed, k)``
-        inside a forked RNG, so the caller's RNG state is untouched and a resumed run reproduces an
-        uninterrupted one. None draws a fresh seed (stored in the cache when there is one).
+        Makes sampling reproducible (a Python or NumPy integer). Batch ``k`` is drawn with a seed
+        derived from ``(seed, k)`` inside a forked RNG, so the caller's RNG state is untouched and a
+        resumed run reproduces an uninterrupted one. None draws a fresh seed, or reuses the one stored
+        in ``cache`` (see *Cache and seed* below); ``stats.seed`` reports the seed used.
     min_new_tokens : int, default 1
         EOS is suppressed until this many tokens were generated (no empty samples).
     dedupe : bool, default True
@@ -376,7 +384,9 @@ def sample_calibration(
     cache : path, optional
         Directory where each batch is written as it is produced (``batch_00000.safetensors``, ... and
         ``manifest.json``). A later call with the same model and arguments reads it back; an interrupted
-        run resumes after the last complete batch.
+        run resumes after the last complete batch. A missing, unreadable or inconsistent batch file
+        (torn write, wrong keys, lengths that disagree with its tokens or prompts) is logged and
+        regenerated from that batch on; a corrupted ``manifest.json`` raises (delete the directory).
     progress : bool, default True
         Show a tqdm bar over samples with the throughput in tokens/s.
 
@@ -390,10 +400,11 @@ def sample_calibration(
     ------
     TypeError
         The model cannot generate (e.g. an encoder); string prompts without a tokenizer; a flat
-        list of token ids as ``prompts`` (wrap it: ``[[...]]``).
+        list of token ids as ``prompts`` (wrap it: ``[[...]]``); a ``seed`` that is not an integer.
     ValueError
-        Invalid arguments; no BOS token and no prompts; a cache made with other arguments or another
-        model.
+        Invalid arguments; no BOS token and no prompts; a prompt plus ``max_new_tokens`` longer than
+        the model's positions; a cache made with other arguments, another seed or another model; a
+        corrupted cache manifest.
 
     Warns
     -----
@@ -407,10 +418,12 @@ def sample_calibration(
     are padded on the right, so a plain forward sees every sample at positions ``0..len-1``. The pad id
     is ``tokenizer.pad_token_id``, else the EOS id, else 0; it never reaches the statistics (mask 0).
 
-    *Samples.* A sample is its prompt followed by its generated tokens, cut after the first EOS. The
-    model's own ``generation_config`` is overridden to plain ancestral sampling (no repetition
-    penalty, n-gram blocking, beams or typical/epsilon/eta/min-p cutoffs) with the given
-    ``temperature``/``top_p``/``top_k``.
+    *Samples.* A sample is its prompt followed by its generated tokens, cut after the first stop
+    token. The stop tokens are the union of the tokenizer's EOS and the model's own EOS ids
+    (``generation_config.eos_token_id``, else ``config.eos_token_id``), as plain ``generate`` would
+    stop on the latter. The model's own ``generation_config`` is overridden to plain ancestral
+    sampling (no repetition penalty, n-gram blocking, beams or typical/epsilon/eta/min-p cutoffs)
+    with the given ``temperature``/``top_p``/``top_k``.
 
     *Modes.* The model is put in eval mode while sampling and each module's train/eval mode is restored
     afterwards. Sampling runs on the device of the model's first parameter, and the returned loader
@@ -419,9 +432,14 @@ def sample_calibration(
 
     *Fingerprint.* A cache records a SHA-256 of the model config, of a strided subset of the first,
     middle and last parameter tensors and of the sampling arguments (``dedupe`` and ``progress``
-    excluded: they do not change what is generated). The subset keeps the check cheap on any model size
-    but is no full checksum: weights that differ only elsewhere go undetected. One process at a time
-    should write a given cache directory.
+    excluded: they do not change what is generated; the seed is checked on its own, see below). The
+    subset keeps the check cheap on any model size but is no full checksum: weights that differ only
+    elsewhere go undetected. One process at a time should write a given cache directory.
+
+    *Cache and seed.* A cache stores the base seed it was made with (the drawn one when
+    ``seed=None``). A later call with ``seed=None`` reuses the stored seed; an explicit seed must equal
+    it. So a cache begun with ``seed=None`` is also reused by passing its ``stats.seed`` back, and a
+    cache begun with ``seed=5`` by ``seed=None``.
 
     *Throughput.* Samples are generated ``batch_size`` at a time; on the 2-layer, width-64 GPT-2 of the
     tests (one CPU thread, 48 samples of 48 new tokens in batches of 16) this runs at roughly 1.3-3k
@@ -439,10 +457,12 @@ def sample_calibration(
     if not can_generate():
         raise TypeError(_no_generate_message(model))
     _check_args(num_samples, max_new_tokens, batch_size, temperature, top_p, top_k, min_new_tokens)
+    seed = _check_seed(seed)
 
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = _pad_id(tokenizer, eos_ids)
     prompt_ids = _encode_prompts(model, tokenizer, prompts)
+    _check_positions(model, prompt_ids, int(max_new_tokens))
     batch_prompts = [
         [
             prompt_ids[i % len(prompt_ids)]
@@ -477,17 +497,17 @@ def sample_calibration(
         "prompts": prompt_ids,
         "temperature": float(temperature),
         "top_p": float(top_p),
-        "top_k": top_k,
-        "seed": seed,
+        "top_k": int(top_k) if top_k is not None else None,
+        # No "seed": the cache checks it apart, so seed=None and the stored seed both reuse a cache.
         "min_new_tokens": int(min_new_tokens),
         "pad_token_id": pad_id,
         "eos_token_ids": eos_ids,
     }
 
-    store = _Cache(Path(cache), model, args_fp) if cache is not None else None
+    store = _Cache(Path(cache), model, args_fp, seed) if cache is not None else None
     if store is not None:
         base_seed = store.seed
-        done = store.load()
+        done = store.load(batch_prompts, int(max_new_tokens))
     else:
         base_seed = seed if seed is not None else secrets.randbits(63)
         done = []
@@ -616,6 +636,39 @@ def _check_args(
         )
 
 
+def _check_seed(seed: Any) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(
+            f"seed must be an integer (int or NumPy integer) or None, got {type(seed).__name__} "
+            f"{seed!r}; pass e.g. seed=int(seed)"
+        )
+    return int(seed)  # a NumPy integer would not serialize to the cache manifest
+
+
+def _max_positions(model: Any) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
+            return int(value)
+    return None
+
+
+def _check_positions(model: Any, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+    # Checked up front: past the position table, generate fails mid-run with a bare IndexError.
+    limit = _max_positions(model)
+    longest = max(len(p) for p in prompt_ids)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} makes "
+            f"{longest + max_new_tokens} positions, beyond the model's maximum of {limit} "
+            f"(config.n_positions / max_position_embeddings); pass max_new_tokens <= "
+            f"{max(limit - longest, 0)} or shorter prompts"
+        )
+
+
 def _as_id_list(value: Any) -> list[int]:
     if value is None:
         return []
@@ -625,13 +678,17 @@ def _as_id_list(value: Any) -> list[int]:
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    # The union of the tokenizer's EOS and the model's stop ids (those plain generate would stop on,
+    # e.g. an end-of-turn token), tokenizer EOS first: it is the pad fallback.
+    ids: list[int] = []
     if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        return [int(tokenizer.eos_token_id)]
+        ids.append(int(tokenizer.eos_token_id))
     gen_cfg = getattr(model, "generation_config", None)
-    ids = _as_id_list(getattr(gen_cfg, "eos_token_id", None))
-    if not ids:
-        ids = _as_id_list(getattr(getattr(model, "config", None), "eos_token_id", None))
-    return ids
+    model_ids = _as_id_list(getattr(gen_cfg, "eos_token_id", None))
+    if not model_ids:
+        model_ids = _as_id_list(getattr(getattr(model, "config", None), "eos_token_id", None))
+    ids.extend(model_ids)
+    return list(dict.fromkeys(ids))
 
 
 def _pad_id(tokenizer: Any, eos_ids: list[int]) -> int:
@@ -799,9 +856,13 @@ def _model_fingerprint(model: Any) -> str:
 
 
 class _Cache:
-    """On-disk store of generated batches: one safetensors file per batch and a JSON manifest."""
+    """On-disk store of generated batches: one safetensors file per batch and a JSON manifest.
 
-    def __init__(self, root: Path, model: Any, args: dict[str, Any]) -> None:
+    The manifest holds the base seed apart from the arguments: ``seed=None`` adopts it and an explicit
+    seed must equal it. A corrupted manifest raises; a bad batch file is regenerated (see :meth:`load`).
+    """
+
+    def __init__(self, root: Path, model: Any, args: dict[str, Any], seed: int | None) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.model_fp = _model_fingerprint(model)
@@ -809,24 +870,29 @@ class _Cache:
         self.args_fp = hashlib.sha256(json.dumps(self.args, sort_keys=True).encode()).hexdigest()
         manifest = self._read_manifest()
         if manifest is None:
-            seed = args["seed"] if args["seed"] is not None else secrets.randbits(63)
             self.manifest: dict[str, Any] = {
                 "version": _CACHE_VERSION,
                 "model_fingerprint": self.model_fp,
                 "args_fingerprint": self.args_fp,
                 "args": self.args,
-                "seed": int(seed),
+                "seed": int(seed) if seed is not None else secrets.randbits(63),
                 "batches": [],
                 "complete": False,
             }
             self._write_manifest()
         else:
-            self._check(manifest)
+            self._check(manifest, seed)
             self.manifest = manifest
 
     @property
     def seed(self) -> int:
         return int(self.manifest["seed"])
+
+    def _corrupted(self, reason: str) -> ValueError:
+        return ValueError(
+            f"cache manifest {self.root / _MANIFEST} is corrupted ({reason}); delete the directory "
+            f"{self.root} to regenerate the samples, or pass another `cache` directory"
+        )
 
     def _read_manifest(self) -> dict[str, Any] | None:
         path = self.root / _MANIFEST
@@ -834,27 +900,65 @@ class _Cache:
             if any(self.root.glob("batch_*.safetensors")):
                 raise ValueError(f"cache {self.root} holds batch files but no {_MANIFEST}")
             return None
-        with open(path, encoding="utf-8") as f:
-            data: dict[str, Any] = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise self._corrupted(f"not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise self._corrupted(f"a JSON {type(data).__name__}, not an object")
+        self._validate(data)
         return data
 
-    def _check(self, manifest: dict[str, Any]) -> None:
-        if manifest.get("version") != _CACHE_VERSION:
+    def _validate(self, manifest: dict[str, Any]) -> None:
+        if "version" not in manifest:
+            raise self._corrupted("no 'version'")
+        if manifest["version"] != _CACHE_VERSION:
             raise ValueError(
-                f"cache {self.root} has format version {manifest.get('version')}, "
+                f"cache {self.root} has format version {manifest['version']!r}, "
                 f"expected {_CACHE_VERSION}; use another directory"
             )
-        if manifest.get("model_fingerprint") != self.model_fp:
+        fields: dict[str, tuple[type, ...]] = {
+            "model_fingerprint": (str,),
+            "args": (dict,),
+            "seed": (int,),
+            "batches": (list,),
+            "complete": (bool,),
+        }
+        for key, types in fields.items():
+            if key not in manifest:
+                raise self._corrupted(f"no {key!r}")
+            value = manifest[key]
+            if not isinstance(value, types) or (key == "seed" and isinstance(value, bool)):
+                raise self._corrupted(f"{key!r} is {value!r}, not a {types[0].__name__}")
+        if not all(isinstance(name, str) for name in manifest["batches"]):
+            raise self._corrupted("'batches' must list file names")
+        # Caches written before the seed was kept apart also record it in "args".
+        old_seed = manifest["args"].get("seed")
+        if old_seed is not None and old_seed != manifest["seed"]:
+            raise self._corrupted(
+                f"'seed' is {manifest['seed']!r} but the recorded arguments say {old_seed!r}"
+            )
+
+    def _check(self, manifest: dict[str, Any], seed: int | None) -> None:
+        if manifest["model_fingerprint"] != self.model_fp:
             raise ValueError(
                 f"cache {self.root} was made with another model (config or weights differ); "
                 "use another cache directory or delete this one"
             )
-        if manifest.get("args_fingerprint") != self.args_fp:
-            old = manifest.get("args", {})
+        # Compared without "seed", which caches written before the seed was kept apart still hold.
+        old = {k: v for k, v in manifest["args"].items() if k != "seed"}
+        if old != self.args:
             diff = sorted(k for k in set(old) | set(self.args) if old.get(k) != self.args.get(k))
             raise ValueError(
                 f"cache {self.root} was made with other sampling arguments (differing: "
                 f"{', '.join(diff) or 'unknown'}); use another cache directory or the same arguments"
+            )
+        if seed is not None and seed != manifest["seed"]:
+            raise ValueError(
+                f"cache {self.root} was made with another seed (differing: seed; the cache holds "
+                f"seed={manifest['seed']}, got seed={seed}); pass seed={manifest['seed']} or "
+                "seed=None to reuse it, or use another cache directory"
             )
 
     def _write_manifest(self) -> None:
@@ -863,23 +967,35 @@ class _Cache:
             json.dump(self.manifest, f, indent=1)
         os.replace(tmp, self.root / _MANIFEST)
 
-    def load(self) -> list[list[list[int]]]:
-        """The longest prefix of recorded batches whose files are present and readable."""
+    def load(
+        self, batch_prompts: list[list[list[int]]], max_new_tokens: int
+    ) -> list[list[list[int]]]:
+        """The longest prefix of recorded batches whose files are present, readable and consistent.
+
+        A batch file is consistent when it holds 1-D int64 ``tokens`` and ``lengths``, one length per
+        prompt of its batch, lengths summing to the token count, and each sample is its prompt
+        followed by at most ``max_new_tokens`` tokens. The first bad file and those after it are
+        dropped from the manifest and regenerated.
+        """
         from safetensors.torch import load_file
 
         batches: list[list[list[int]]] = []
         for k, name in enumerate(self.manifest["batches"]):
             path = self.root / name
-            if name != _batch_name(k) or not path.exists():
+            if k >= len(batch_prompts) or name != _batch_name(k) or not path.exists():
                 break
             try:
                 data = load_file(str(path))
             except Exception:  # a torn write: regenerate from here
                 logger.warning("cache file %s is unreadable; regenerating from batch %d", path, k)
                 break
-            tokens, lengths = data["tokens"].tolist(), data["lengths"].tolist()
-            offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-            batches.append([tokens[a:b] for a, b in itertools.pairwise(offsets)])
+            try:
+                batches.append(_decode_batch(data, batch_prompts[k], max_new_tokens))
+            except ValueError as exc:
+                logger.warning(
+                    "cache file %s is inconsistent (%s); regenerating from batch %d", path, exc, k
+                )
+                break
         if len(batches) < len(self.manifest["batches"]):
             self.manifest["batches"] = self.manifest["batches"][: len(batches)]
             self.manifest["complete"] = False
@@ -906,6 +1022,33 @@ class _Cache:
         if bool(self.manifest["complete"]) != complete:
             self.manifest["complete"] = complete
             self._write_manifest()
+
+
+def _decode_batch(
+    data: dict[str, torch.Tensor], prompts: list[list[int]], max_new_tokens: int
+) -> list[list[int]]:
+    """The samples of one cached batch file; ValueError when it does not hold what was saved."""
+    for key in ("tokens", "lengths"):
+        if key not in data:
+            raise ValueError(f"no {key!r} tensor")
+        if data[key].dtype != torch.long or data[key].dim() != 1:
+            raise ValueError(f"{key!r} is {data[key].dtype} of shape {tuple(data[key].shape)}")
+    tokens, lengths = data["tokens"].tolist(), data["lengths"].tolist()
+    if len(lengths) != len(prompts):
+        raise ValueError(f"{len(lengths)} lengths for a batch of {len(prompts)} samples")
+    if sum(lengths) != len(tokens):
+        raise ValueError(f"lengths sum to {sum(lengths)} but there are {len(tokens)} tokens")
+    if any(t < 0 for t in tokens):
+        raise ValueError("negative token ids")
+    samples: list[list[int]] = []
+    start = 0
+    for i, (n, p) in enumerate(zip(lengths, prompts, strict=True)):
+        sample = tokens[start : start + n]
+        start += n
+        if not len(p) <= n <= len(p) + max_new_tokens or sample[: len(p)] != p:
+            raise ValueError(f"sample {i} is not its prompt plus at most {max_new_tokens} tokens")
+        samples.append(sample)
+    return samples
 
 
 def _batch_name(k: int) -> str:
