@@ -40,11 +40,12 @@ __all__ = ["GeneralizedEigenResult", "generalized_topk", "pair_residuals"]
 FloatArray = NDArray[np.floating[Any]]
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class GeneralizedEigenResult:
     """Eigenpairs returned by :func:`generalized_topk`.
 
-    Unpacks as ``values, vectors = generalized_topk(A, B, k)``.
+    Unpacks as ``values, vectors = generalized_topk(A, B, k)``. Results compare by identity (``==``
+    is ``is``); compare their arrays with ``numpy.array_equal`` or ``numpy.allclose``.
 
     Attributes
     ----------
@@ -391,15 +392,16 @@ def _shift_invert(
     """A shift ``σ`` below the spectrum and the Cholesky factor of ``A − σM`` (None if none found).
 
     ``σ = −10⁻³‖A‖₁/‖M‖₁`` works for positive semi-definite ``A`` (covariances) and keeps the smallest
-    eigenvalues well separated after the transformation ``μ = 1/(λ − σ)``; otherwise
-    ``σ = −1.01‖A‖₁/λ_min(M)`` (with ``λ_min(M) ≥ ε``) is a guaranteed lower bound.
+    eigenvalues well separated after the transformation ``μ = 1/(λ − σ)``; ten and a hundred times
+    that serve a slightly indefinite ``A``. Further down the shift helps no more: with
+    ``|σ| ≫ |λ_min|`` the transformed spectrum is an almost affine image of ``C``'s, compressed towards
+    ``1/|σ|``, so the iteration behaves like plain Lanczos on ``C`` but loses digits (a far shift such as
+    the guaranteed ``−1.01‖A‖₁/ε`` left residuals of 6e-10 … 1e-5 on an indefinite ``A``). None then
+    sends the caller to the plain iteration, for which the smallest eigenvalues of an indefinite
+    ``A`` are extreme ones.
     """
     m_norm = pencil.one_norm
-    shifts = [-1e-3 * a_norm / m_norm]
-    if pencil.is_identity:
-        shifts.append(-1.01 * a_norm)
-    elif pencil.reg_used > 0:
-        shifts.append(-1.01 * a_norm / pencil.reg_used)
+    shifts = [-1e-3 * a_norm / m_norm, -1e-2 * a_norm / m_norm, -1e-1 * a_norm / m_norm]
     for sigma in shifts:
         if not sigma < 0:
             continue
@@ -1102,8 +1104,8 @@ def _iterative(
             return fin[0], fin[1], fin[2], used, label, fin[3], warm_res[0].guard
     if method == "lanczos":
         b, basis = _lanczos_params(d, k, warm)
-        if start is not None and start.shape[1] > b:
-            start = start[:, :b]  # the leading previous vectors start the (smaller) first block
+        # A warm start keeps all its columns: block_lanczos widens its first block to hold them (the
+        # leading b columns alone left the others' pairs worse than v0 itself after a few products).
         default_maxiter = max(100, 20 * math.ceil(d / b))
     else:
         b = k + min(max(2, k // 4), 16)  # guard vectors, also when warm
@@ -1323,8 +1325,10 @@ def generalized_topk(
         between the ``k``-th and ``(k+1)``-th eigenvalue relative to the spread of the spectrum; heavy
         tails make ``largest=True`` easy and ``largest=False`` hard, so for the smallest eigenvalues
         with a dense ``A`` it iterates on ``(C − σ)⁻¹`` (shift-invert, one Cholesky of ``A − σM``,
-        ``σ`` below the spectrum). With an operator ``A`` the smallest end is iterated directly, which
-        can be slow. Not for ``k`` close to ``d``.
+        ``σ`` below the spectrum: ``−10⁻³``, ``−10⁻²`` or ``−10⁻¹·‖A‖₁/‖M‖₁``, the first that factors).
+        When none does (an indefinite ``A``, whose smallest eigenvalues are then extreme ones), and
+        with an operator ``A``, the smallest end is iterated directly, which can be slow for a
+        clustered smallest end. Not for ``k`` close to ``d``.
     ``"lobpcg"``
         Block LOBPCG (``M``-orthonormal through the reduced coordinates), soft locking, Cholesky-QR2
         Rayleigh-Ritz that drops near-dependent directions. It shines with a good preconditioner ``M``
@@ -1450,7 +1454,10 @@ def generalized_topk(
     Y: FloatArray | None  # reduced coordinates of the vectors, kept for warm starts
     guard: tuple[FloatArray, FloatArray] | None = None
     if chosen == "dense":
-        A_dense = _materialize(A, d, work_dtype) if is_operator else A
+        # The working precision (float64 unless A and B are both float32; B=None counts as float64).
+        A_dense = (
+            _materialize(A, d, work_dtype) if is_operator else A.astype(work_dtype, copy=False)
+        )
         with driver_threads(d):
             with wide():  # LAPACK gains from threads from d = 512 on
                 values, vectors, Y = _dense_topk(A_dense, pencil, k, largest)

@@ -331,6 +331,68 @@ def test_dense_reports_residuals_above_tol():
     assert top.converged and np.max(top.residuals) <= 1e-10
 
 
+@pytest.mark.parametrize("method", ["auto", *METHODS])
+def test_smallest_pairs_of_an_indefinite_A(method):
+    # Before session 12 no shift near the spectrum factored and the far guaranteed shift compressed
+    # the spectrum: 1500 block products, residual 6e-10 > tol, ConvergenceWarning.
+    rng = np.random.default_rng(0)
+    d = 300
+    X = rng.standard_normal((d, d))
+    A = (X + X.T) / 2
+    Y = rng.standard_normal((d, 2 * d))
+    B = Y @ Y.T / (2 * d)
+    res = generalized_topk(A, B, 4, largest=False, method=method, reg=1e-6, seed=0)
+    assert res.converged and res.iterations <= 200
+    check_result(res, A, reg_M(B, 1e-6), 4, False)
+
+
+def test_float32_A_with_identity_is_solved_in_float64_on_the_dense_path():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((120, 60))
+    A = X.T @ X / 120
+    for B in (None, Pencil(None, dim=60)):
+        res = generalized_topk(A.astype(np.float32), B, 4, method="dense", largest=False)
+        assert res.values.dtype == np.float64 and res.converged
+        check_result(res, A.astype(np.float32).astype(np.float64), np.eye(60), 4, False)
+
+
+@pytest.mark.parametrize("k", [40, 64])
+def test_shift_invert_warm_start_keeps_every_column_of_v0(k):
+    # k > 32: only the first 32 previous vectors seeded the block before session 12, and one block
+    # product returned values 60 times λ_max off where a Rayleigh-Ritz on v0 alone is 7e-5 off.
+    rng = np.random.default_rng(0)
+    d = 300
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    A0 = (Q / np.arange(1, d + 1)) @ Q.T
+    A0 = (A0 + A0.T) / 2
+    Y = rng.standard_normal((d, 2 * d))
+    B = Y @ Y.T / (2 * d)
+    E = rng.standard_normal((d, d))
+    A1 = A0 + 1e-5 * (E + E.T) / np.sqrt(d)
+    P = Pencil(B)
+    M = B + P.reg_used * np.eye(d)
+    previous = generalized_topk(A0, P, k, largest=False, method="lanczos", seed=0)
+    exact = scipy.linalg.eigh(A1, M, eigvals_only=True, subset_by_index=[0, k - 1])
+    V = previous.vectors
+    ritz = scipy.linalg.eigh(V.T @ A1 @ V, V.T @ M @ V, eigvals_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        one = generalized_topk(A1, P, k, largest=False, v0=previous, maxiter=1, method="lanczos")
+    scale = np.max(np.abs(exact))
+    assert np.max(np.abs(one.values - exact)) <= 10 * np.max(np.abs(ritz - exact)) + 1e-12 * scale
+    full = generalized_topk(A1, P, k, largest=False, v0=previous, method="lanczos", seed=0)
+    assert full.converged
+    np.testing.assert_allclose(full.values, exact, rtol=0, atol=C_EIG * EPS * scale)
+
+
+def test_results_compare_by_identity():
+    A, B = power_law_pencil(80, seed=2)
+    r1 = generalized_topk(A, B, 3, reg=1e-3, seed=0)
+    r2 = generalized_topk(A, B, 3, reg=1e-3, seed=0)
+    assert r1 == r1 and r1 != r2  # raised "truth value of an array is ambiguous" before
+    np.testing.assert_array_equal(r1.values, r2.values)
+
+
 @pytest.mark.parametrize("exact_columns", [2, 4])
 def test_block_lanczos_start_with_exact_eigenvectors(exact_columns):
     # Exact eigenvectors in the start block make their residual columns rounding noise. Before
