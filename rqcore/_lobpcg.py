@@ -69,6 +69,21 @@ def _orthonormal_transform(S: FloatArray, drop: float) -> NDArray[np.float64] | 
     return U[:, keep] / np.sqrt(w[keep])
 
 
+def _start_block(
+    op: Callable[[FloatArray], FloatArray],
+    X: FloatArray,
+    order: NDArray[np.intp],
+    dtype: np.dtype[Any],
+) -> tuple[FloatArray, FloatArray, NDArray[np.float64]]:
+    """Orthonormalize ``X``, apply the operator once, and rotate both to Ritz vectors in ``order``."""
+    X, _ = np.linalg.qr(X)
+    AX = np.asarray(op(X), dtype=dtype)
+    H = np.asarray(X.T @ AX, dtype=np.float64)
+    vals, S = np.linalg.eigh((H + H.T) / 2)
+    S = S[:, order].astype(dtype)
+    return X @ S, AX @ S, vals[order]
+
+
 def lobpcg(
     op: Callable[[FloatArray], FloatArray],
     d: int,
@@ -94,14 +109,8 @@ def lobpcg(
     X = rng.standard_normal((d, m)).astype(dtype)
     if start is not None and start.shape[1]:
         X[:, : start.shape[1]] = start
-    X, _ = np.linalg.qr(X)
-    AX = np.asarray(op(X), dtype=dtype)
-    H = np.asarray(X.T @ AX, dtype=np.float64)
-    vals, S = np.linalg.eigh((H + H.T) / 2)
     order = np.arange(m - 1, -1, -1) if largest else np.arange(m)
-    S = S[:, order].astype(dtype)
-    theta = vals[order]
-    X, AX = X @ S, AX @ S
+    X, AX, theta = _start_block(op, X, order, dtype)
     P = np.zeros((d, 0), dtype=dtype)
     AP = np.zeros((d, 0), dtype=dtype)
     it = 1
@@ -116,13 +125,7 @@ def lobpcg(
             since_refresh > 0 and float(np.max(np.abs(X.T @ X - np.eye(m)))) > _REFRESH_DRIFT
         ):
             # Rounding in the implicit images accumulates: start again from X itself.
-            X, _ = np.linalg.qr(X)
-            AX = np.asarray(op(X), dtype=dtype)
-            H = np.asarray(X.T @ AX, dtype=np.float64)
-            vals, S = np.linalg.eigh((H + H.T) / 2)
-            S = S[:, order].astype(dtype)
-            theta = vals[order]
-            X, AX = X @ S, AX @ S
+            X, AX, theta = _start_block(op, X, order, dtype)
             P = np.zeros((d, 0), dtype=dtype)
             AP = np.zeros((d, 0), dtype=dtype)
             since_refresh = 0

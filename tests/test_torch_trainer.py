@@ -15,6 +15,26 @@ transformers = pytest.importorskip("transformers")
 from _tiny_bert import TokenLabels, calibration_batches, tiny_bert_classifier  # noqa: E402
 
 
+def _trainer(model, handle, tmp_path, *, steps: int, rows: int, callbacks) -> transformers.Trainer:
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    return transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=TokenLabels(rows),
+        optimizers=(handle.optimizer(torch.optim.AdamW, lr=1e-3), None),
+        callbacks=callbacks,
+    )
+
+
 def test_trainer_run_with_handle_optimizer(tmp_path):
     from rqcore_torch.callbacks import PenaltyCallback
 
@@ -27,22 +47,8 @@ def test_trainer_run_with_handle_optimizer(tmp_path):
         def on_log(self, args, state, control, logs=None, **kw):
             logged.append(dict(logs or {}))
 
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    trainer = transformers.Trainer(
-        model=model,
-        args=args,
-        train_dataset=TokenLabels(16),
-        optimizers=(handle.optimizer(torch.optim.AdamW, lr=1e-3), None),
-        callbacks=[PenaltyCallback(handle), Grab()],
+    trainer = _trainer(
+        model, handle, tmp_path, steps=3, rows=16, callbacks=[PenaltyCallback(handle), Grab()]
     )
     trainer.train()
     assert handle.step == 3
@@ -68,23 +74,7 @@ def test_penalty_callback_install_goes_first(tmp_path):
         def on_log(self, args, state, control, logs=None, **kw):
             seen.append(dict(logs or {}))
 
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    trainer = transformers.Trainer(
-        model=model,
-        args=args,
-        train_dataset=TokenLabels(8),
-        optimizers=(handle.optimizer(torch.optim.AdamW, lr=1e-3), None),
-        callbacks=[Integration()],
-    )
+    trainer = _trainer(model, handle, tmp_path, steps=2, rows=8, callbacks=[Integration()])
     callback = PenaltyCallback.install(trainer, handle)
     assert trainer.callback_handler.callbacks[0] is callback
     trainer.train()
