@@ -118,6 +118,7 @@ def _mismatch_worker(rank: int, world: int, init: str, out_dir: str) -> None:
             message = str(exc)
         with open(os.path.join(out_dir, f"m{rank}.txt"), "w") as f:
             f.write(message)
+        dist.barrier()  # both ranks are done with the group before either tears it down
     finally:
         dist.destroy_process_group()
 
