@@ -618,8 +618,14 @@ class FoLoRAAdam(torch.optim.Optimizer):
     def _set_gains(self, name: str, tau: float) -> None:
         st = self._lstate(name)
         g = resolve_gains(st["values"].to(torch.float64).cpu().numpy(), self.gate, tau, self.rank)
+        gains = torch.as_tensor(g, dtype=st["values"].dtype, device=st["values"].device)
+        if not bool(torch.isfinite(gains).all()):  # once per solve: a host sync here is fine
+            raise ValueError(
+                f"layer {name!r}: the gains (max |g| = {float(np.max(np.abs(g))):.3g}) overflow the "
+                f"weights' dtype {gains.dtype}; use a gate whose gains stay in [0, 1] or a wider dtype."
+            )
         st["tau"] = torch.tensor(tau, dtype=st["values"].dtype, device=st["values"].device)
-        st["gains"] = torch.as_tensor(g, dtype=st["values"].dtype, device=st["values"].device)
+        st["gains"] = gains
         st["budget_pending"] = False
 
     def gains(self, name: str) -> torch.Tensor:

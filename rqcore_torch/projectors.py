@@ -32,6 +32,24 @@ def _as_tensor(arr: Any, device: torch.device, dtype: torch.dtype) -> torch.Tens
     )
 
 
+def _check_representable(scale: float, left: torch.Tensor, right: torch.Tensor) -> None:
+    """Raise if the factors or the scale overflowed the gate's dtype (checked once, when built).
+
+    The core refuses gains that overflow a float32 ``G``; a gate cast to float16/bfloat16/float32
+    would otherwise hold ``inf`` and gate every row to ``inf`` or NaN. One host synchronization here,
+    none per step.
+    """
+    finite_scale = bool(torch.isfinite(torch.tensor(scale, dtype=left.dtype)))
+    if not (
+        finite_scale and bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())
+    ):
+        raise ValueError(
+            f"the gate's factors or its complement gain ({scale:.3g}) overflow {left.dtype}: the gains "
+            f"are too large for it. Build the gate in a wider dtype (to_torch(..., dtype=torch.float32 "
+            "or torch.float64)) or use smaller gains."
+        )
+
+
 class TorchGate:
     r"""A linear map of row blocks, ``P(D) = c·D + (D·A)·B``, held on one device in one dtype.
 
@@ -81,6 +99,7 @@ class TorchGate:
         scale = float(scale)
         if not np.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale!r}.")
+        _check_representable(scale, left, right)
         self._scale = scale
         self._left = left.contiguous()
         self._right = right.contiguous()
@@ -154,6 +173,13 @@ class TorchGate:
         ValueError
             On a wrong shape, device or dtype (see :meth:`check_rows`).
 
+        Notes
+        -----
+        The rows are not checked for NaN or Inf, which then propagate. A check would synchronize the host
+        with the device on every call, and the optimizers' steps stay free of synchronization. AMP's
+        ``GradScaler`` skips steps whose gradients are not finite. The core's ``apply`` checks, because
+        it works on host arrays.
+
         Examples
         --------
         >>> import numpy as np, torch
@@ -187,6 +213,10 @@ class TorchGate:
         """
         dev = self.device if device is None else torch.device(device)
         dt = self.dtype if dtype is None else dtype
+        if dt not in _GATE_DTYPES:
+            raise ValueError(
+                f"a gate needs a floating dtype ({', '.join(map(str, _GATE_DTYPES))}), got {dt}."
+            )
         if dev == self.device and dt == self.dtype:
             return self
         other = object.__new__(type(self))
@@ -194,6 +224,7 @@ class TorchGate:
         for key, value in self.__dict__.items():
             if isinstance(value, torch.Tensor):
                 other.__dict__[key] = value.to(device=dev, dtype=dt)
+        _check_representable(other._scale, other._left, other._right)
         return other
 
 

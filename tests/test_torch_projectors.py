@@ -149,3 +149,43 @@ def test_layer_gate_validation() -> None:
         LayerGate("fc", lin.weight, None, object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"bias has shape"):
         LayerGate("fc", lin.weight, torch.nn.Parameter(torch.zeros(4)), aug)
+
+
+# --- session 12 review: gains beyond the gate's dtype, dtype checks on to() ----------------------
+
+
+@pytest.mark.parametrize(
+    ("gains", "complement", "dtype"),
+    [(1e39, 0.0, torch.float32), (1e5, 0.0, torch.float16), (1.0, 1e39, torch.float32)],
+)
+def test_gate_refuses_factors_that_overflow_its_dtype(gains, complement, dtype):
+    # Before session 12 the factors were stored as inf and every row came back inf (or raised a raw
+    # torch RuntimeError for the complement), where the core refuses such gains on float32 G.
+    basis = RayleighBasis.from_pencil(
+        np.diag([3.0, 2.0, 1.0]), None, k=1, gains=gains, complement=complement
+    )
+    with pytest.raises(ValueError, match="overflow"):
+        to_torch(basis, dtype=dtype)
+    gate = to_torch(basis, dtype=torch.float64)  # representable there
+    with pytest.raises(ValueError, match="overflow"):
+        gate.to(dtype=dtype)
+
+
+def test_gate_to_refuses_non_floating_dtypes():
+    gate = to_torch(NullspaceProjector(np.diag([2.0, 1.0]), rank=1), dtype=torch.float64)
+    for dtype in (torch.int32, torch.int64, torch.complex64):
+        with pytest.raises(ValueError, match="floating dtype"):
+            gate.to(dtype=dtype)
+
+
+def test_folora_refuses_gains_that_overflow_the_weights():
+    from rqcore_torch import preserve
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    handle = preserve(
+        model, [torch.randn(16, 4)], gate=lambda values: np.full_like(values, 1e39), progress=False
+    )
+    with pytest.raises(ValueError, match="overflow the weights' dtype"):
+        handle.optimizer(torch.optim.AdamW, lr=1e-3)
+    handle.remove()
