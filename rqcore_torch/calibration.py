@@ -324,7 +324,8 @@ class CalibrationStatistics:
         if any(other != layout for other in layouts):
             raise ValueError(
                 "the ranks' calibration statistics differ in layers or sizes (e.g. a rank whose "
-                "batches reached other layers); every rank must run the same model path: "
+                "shard was empty, or whose batches reached other layers); every rank must run the "
+                "same model path on a non-empty shard: "
                 + "; ".join(f"rank {r}: {len(x)} groups" for r, x in enumerate(layouts))
                 + "."
             )
@@ -804,13 +805,15 @@ def calibrate(
         raise
     finally:
         collector.remove()
-    if seen == 0 and stats.batches == 0:
+    if seen == 0 and stats.batches == 0 and not distributed:
         raise ValueError(
             "the calibration loader yielded no batch; pass a non-empty iterable of batches "
             "(and check max_batches)."
         )
     stats.batches += seen
     if distributed:
+        # A rank with an empty shard still joins the collective, so that every rank gets the same
+        # clear error (from the layout check) instead of one raising and its peers losing the link.
         stats.all_reduce_()
     _check_reached(resolved, stats, model)
     logger.info(

@@ -105,14 +105,17 @@ def test_distributed_statistics_equal_single_pass(tmp_path):
     torch.testing.assert_close(c0, single)
 
 
-def _mismatch_worker(rank: int, world: int, init: str, out_dir: str) -> None:
+def _mismatch_worker(rank: int, world: int, init: str, out_dir: str, case: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
-        targets = None if rank == 0 else ["0"]  # rank 1 reaches one layer fewer
+        if case == "layers":
+            targets, shard = (None if rank == 0 else ["0"]), [torch.randn(5, 4)]
+        else:  # rank 1's shard is empty
+            targets, shard = None, ([torch.randn(5, 4)] if rank == 0 else [])
         try:
-            calibrate(model, [torch.randn(5, 4)], targets=targets, progress=False)
+            calibrate(model, shard, targets=targets, progress=False)
             message = "no error"
         except ValueError as exc:
             message = str(exc)
@@ -123,9 +126,18 @@ def _mismatch_worker(rank: int, world: int, init: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_distributed_layout_mismatch_is_a_clear_error_on_every_rank(tmp_path):
-    # Before session 12 gloo aborted the process (SIGABRT) on the size mismatch.
+@pytest.mark.parametrize("case", ["layers", "empty shard"])
+def test_distributed_layout_mismatch_is_a_clear_error_on_every_rank(tmp_path, case):
+    # Before session 12 gloo aborted the process (SIGABRT) on the size mismatch, and a rank with an
+    # empty shard raised alone while its peer lost the connection.
     init = f"file://{tmp_path / 'rdzv'}"
-    mp.spawn(_mismatch_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    try:
+        mp.spawn(_mismatch_worker, args=(2, init, str(tmp_path), case), nprocs=2, join=True)
+    except mp.ProcessExitedException as exc:
+        # gloo sometimes aborts a worker while tearing the group down after the error (about 1 run
+        # in 10 here, "terminate called without an active exception"); the files below were written
+        # before that, and a missing file still fails the test.
+        if exc.signal_name != "SIGABRT":
+            raise
     for rank in range(2):
         assert "differ in layers or sizes" in (tmp_path / f"m{rank}.txt").read_text()
