@@ -815,6 +815,11 @@ def calibrate(
         # A rank with an empty shard still joins the collective, so that every rank gets the same
         # clear error (from the layout check) instead of one raising and its peers losing the link.
         stats.all_reduce_()
+        if stats.batches == 0:  # every shard was empty: the same error on every rank
+            raise ValueError(
+                "the calibration loaders of every rank yielded no batch; pass non-empty shards "
+                "(and check max_batches)."
+            )
     _check_reached(resolved, stats, model)
     logger.info(
         "calibration: %d batches, %d tokens, %d accumulators",
