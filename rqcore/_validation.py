@@ -78,3 +78,13 @@ def check_symmetric(a: NDArray[np.floating[Any]], name: str, *, rtol: float | No
             f"max |{name}| = {scale:.3g}. Symmetrize it, e.g. ({name} + {name}.T) / 2, if the asymmetry "
             "is rounding."
         )
+
+
+def as_real(x: Any, name: str) -> float:
+    """``x`` as a float, or a TypeError naming the parameter (strings and bools are not numbers here)."""
+    if isinstance(x, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}.")
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}.") from None

@@ -23,7 +23,7 @@ import numpy as np
 import scipy.special
 from numpy.typing import ArrayLike, NDArray
 
-from rqcore._validation import as_float_array
+from rqcore._validation import as_float_array, as_real
 
 __all__ = [
     "hard",
@@ -50,16 +50,6 @@ def _eigenvalues(values: ArrayLike) -> Float64Array:
     return np.asarray(lam, dtype=np.float64)
 
 
-def _real_scalar(x: Any, name: str) -> float:
-    """Return ``x`` as a float, or raise a TypeError naming the parameter."""
-    if isinstance(x, (str, bytes)) or isinstance(x, bool):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}.")
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}.") from None
-
-
 def _power_of_two_scale(x: float) -> float:
     """The power of two nearest below ``x > 0`` (dividing by it is exact)."""
     return float(np.ldexp(1.0, int(np.floor(np.log2(x)))))
@@ -67,7 +57,7 @@ def _power_of_two_scale(x: float) -> float:
 
 def _positive_scalar(x: Any, name: str, *, allow_zero: bool = False) -> float:
     """Return ``x`` as a finite float > 0 (or ≥ 0) or raise ValueError."""
-    value = _real_scalar(x, name)
+    value = as_real(x, name)
     if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {x!r}.")
@@ -191,7 +181,7 @@ def threshold(values: ArrayLike, tau: float) -> Float64Array:
     array([1., 1., 0.])
     """
     lam = _eigenvalues(values)
-    t = _real_scalar(tau, "tau")
+    t = as_real(tau, "tau")
     if not np.isfinite(t):
         raise ValueError(f"tau must be finite, got {tau!r}.")
     return (lam >= t).astype(np.float64)
@@ -314,7 +304,7 @@ def _bisect_log_tau(
 
 
 def _fraction(p: Any, name: str) -> float:
-    value = _real_scalar(p, name)
+    value = as_real(p, name)
     if not np.isfinite(value) or not 0.0 < value < 1.0:
         raise ValueError(f"{name} must lie strictly between 0 and 1, got {p!r}.")
     return value

@@ -22,7 +22,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from rqcore import _projection_kernels as _kernels
 from rqcore import gates
-from rqcore._validation import as_float_array, check_finite, check_symmetric
+from rqcore._validation import as_float_array, as_real, check_finite, check_symmetric
 from rqcore.generalized import GeneralizedEigenResult, generalized_topk
 from rqcore.pencil import Pencil
 
@@ -154,16 +154,6 @@ def _rows(G: ArrayLike, dim: int, name: str = "G") -> tuple[FloatArray, bool]:
     if arr.shape[1] != dim:
         raise ValueError(f"{name} has {arr.shape[1]} columns but the basis has dimension d={dim}.")
     return arr, was_1d
-
-
-def _real_number(x: Any, name: str) -> float:
-    """``x`` as a float, or a TypeError naming the parameter (strings are not numbers here)."""
-    if isinstance(x, (str, bytes, bool)):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}.")
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}.") from None
 
 
 def _non_finite_error(name: str) -> ValueError:
@@ -434,7 +424,7 @@ class RayleighBasis:
             raise ValueError(f"values has shape {lam.shape}; expected ({k},) to match vectors.")
         check_finite(V, "vectors")
         check_finite(lam, "values")
-        eps = _real_number(reg_used, "reg_used")
+        eps = as_real(reg_used, "reg_used")
         if not np.isfinite(eps) or eps < 0:
             raise ValueError(f"reg_used must be a finite number >= 0, got {reg_used!r}.")
         if B is not None:
@@ -1231,7 +1221,7 @@ class NullspaceProjector:
         Cm = as_float_array(C, "C", ndim=2, allowed=_WORK_DTYPES)
         check_finite(Cm, "C")
         check_symmetric(Cm, "C")
-        energy = _real_number(energy, "energy")
+        energy = as_real(energy, "energy")
         if not np.isfinite(energy) or not 0.0 < energy <= 1.0:
             raise ValueError(f"energy must lie in (0, 1], got {energy!r}.")
         d = Cm.shape[0]
