@@ -185,3 +185,31 @@ def upper_trace_frob(a: NDArray[np.float64]) -> tuple[float, float]:
         diag += a[j, j] * a[j, j]
         tr += a[j, j]
     return tr, diag + 2.0 * off
+
+
+@njit()
+def upper_gram_excess(a: NDArray[np.float64]) -> float:
+    """Largest ``(|a_ij| − √(a_ii·a_jj)) / √(a_ii·a_jj)`` over the upper triangle; inf on a negative diagonal.
+
+    A Gram (scatter) matrix satisfies Cauchy–Schwarz, ``|a_ij| ≤ √(a_ii·a_jj)``, so a positive value
+    beyond rounding means the matrix is not positive semidefinite. O(d²), no temporaries; entries
+    whose bound is below ``1e-13·max(diag)`` are compared against that floor instead (rounding of the
+    centering leaves such dust on constant features).
+    """
+    d = a.shape[0]
+    top = 0.0
+    for j in range(d):
+        if a[j, j] < 0.0:
+            return np.inf
+        top = max(top, a[j, j])
+    floor = 1e-13 * top
+    worst = 0.0
+    for j in range(d):
+        for i in range(j):
+            bound = max(np.sqrt(a[i, i]) * np.sqrt(a[j, j]), floor)
+            if bound == 0.0:
+                if a[i, j] != 0.0:
+                    return np.inf
+                continue
+            worst = max(worst, (abs(a[i, j]) - bound) / bound)
+    return worst

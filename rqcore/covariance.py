@@ -810,7 +810,8 @@ class StreamingCovariance:
         ------
         ValueError
             If a key is missing or unknown, the format version is not supported, a shape is wrong or
-            a value is out of range (negative weight or count, non-finite numbers).
+            a value is out of range (negative weight or count, non-finite numbers, a scatter that is
+            not positive semidefinite: checked through its diagonal and Cauchy–Schwarz, O(d²)).
 
         Examples
         --------
@@ -855,6 +856,12 @@ class StreamingCovariance:
             raise ValueError(
                 f"invalid state: count={count}, total_weight={weight}, fourth={fourth} (count and "
                 "total_weight must be >= 0, fourth a finite number >= 0)."
+            )
+        if _k.upper_gram_excess(arrays["scatter"]) > 1e-6:
+            raise ValueError(
+                "invalid state: state['scatter'] is not positive semidefinite (a negative diagonal "
+                "entry, or an entry beyond √(a_ii·a_jj)); a scatter written by state_dict() always "
+                "is, so the file is corrupted or was edited."
             )
         if weight == 0.0 and (
             fourth != 0.0 or any(np.any(arrays[key] != 0.0) for key in ("sum", "third", "scatter"))

@@ -592,3 +592,30 @@ def test_from_state_dict_rejects_invalid_values(key, value, match):
     state[key] = value
     with pytest.raises(ValueError, match=match):
         StreamingCovariance.from_state_dict(state)
+
+
+def test_from_state_dict_rejects_a_scatter_that_is_not_positive_semidefinite(rng):
+    good = _populated(rng).state_dict()
+    flipped = {**good, "scatter": -good["scatter"]}  # negative definite: a tampered file
+    with pytest.raises(ValueError, match="not positive semidefinite"):
+        StreamingCovariance.from_state_dict(flipped)
+    s = good["scatter"].copy()
+    s[0, 1] = s[1, 0] = 1.01 * np.sqrt(s[0, 0] * s[1, 1])  # positive diagonal, indefinite
+    with pytest.raises(ValueError, match="not positive semidefinite"):
+        StreamingCovariance.from_state_dict({**good, "scatter": s})
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_states_of_real_streams_pass_the_semidefinite_check(rng, centered):
+    # Constant and duplicated features, decay and merges: Cauchy–Schwarz holds with equality up to
+    # rounding, and the centering leaves dust on the constant column; none of it may be rejected.
+    X = rng.standard_normal((300, 6)) * np.array([1e-8, 1.0, 1e8, 1.0, 1.0, 1.0])
+    X[:, 3] = 7.25
+    X[:, 4] = X[:, 1]
+    a = StreamingCovariance(6, centered=centered, decay=0.9)
+    b = StreamingCovariance(6, centered=centered, decay=0.9)
+    for chunk in np.array_split(X, 7):
+        a.update(chunk)
+        b.update(chunk[::-1] * 0.5)
+    a.merge(b)
+    assert StreamingCovariance.from_state_dict(a.state_dict()) == a

@@ -69,3 +69,22 @@ def test_schema_checks(tmp_path):
         load(tmp_path / "new.safetensors", _model())
     with pytest.raises(FileNotFoundError):
         load(tmp_path / "missing.safetensors", _model())
+
+
+def test_a_tampered_scatter_is_rejected_on_load(tmp_path):
+    # A negative-definite C_p would make the null-space method protect nothing, silently.
+    path = tmp_path / "h.safetensors"
+    model = _model()
+    preserve(model, [torch.randn(16, 5)], method="nullspace", progress=False).save(path)
+    tensors = load_file(str(path))
+    scatters = [k for k in tensors if k.startswith("stats/") and k.endswith("scatter")]
+    assert scatters
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    for k in scatters:
+        tensors[k] = -tensors[k]
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match="not positive semidefinite"):
+        load(tmp_path / "bad.safetensors", model)
