@@ -1,6 +1,9 @@
-"""Regressions of review 12: FoLoRAAdam's extra param groups and atomic load_state_dict, the weights of
-TorchCovariance under ``check_finite=False``, and GatedOptimizer under a base step that rebinds
-``p.data``."""
+"""Regression tests of the optimizers, each named after the defect it pins.
+
+FoLoRAAdam's extra param groups and atomic ``load_state_dict``, the weights of TorchCovariance under
+``check_finite=False``, and GatedOptimizer under a base step that rebinds ``p.data``. Each test
+failed on the code before its fix.
+"""
 
 from __future__ import annotations
 

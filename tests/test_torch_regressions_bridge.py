@@ -1,6 +1,8 @@
-"""Regressions for the defects a black-box review of the bridge found in session 12.
+"""Regression tests of the bridge, each named after the defect it pins.
 
-Each test failed on the code before the fix (persistence, preserve, calibration, config, handle).
+Persistence (resume mid-warm-up, another method's defaults), rollback of a failed ``preserve`` or
+``calibrate``, batch and input handling, meters and statistics I/O. Each test failed on the code
+before its fix.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ def test_frozen_weight_with_trainable_bias_warns(caplog):
     assert any("the weight is frozen but the bias is not" in r.getMessage() for r in caplog.records)
 
 
-# --- second review: statistics I/O, meters ------------------------------------------------------
+# --- meters and statistics I/O ------------------------------------------------------------------
 
 
 def test_penalty_is_never_negative_and_zero_reference_gives_inf():
