@@ -173,17 +173,22 @@ def symmetrize_scaled(a: NDArray[np.float64], scale: float) -> NDArray[np.float6
 
 
 @njit(fastmath=_FAST)
-def upper_trace_frob(a: NDArray[np.float64]) -> tuple[float, float]:
-    """``(trace(A), ‖A‖_F²)`` of the symmetric ``A`` held in the upper triangle of ``a``."""
+def upper_trace_frob(a: NDArray[np.float64], scale: float) -> tuple[float, float]:
+    """``(trace(sA), ‖sA‖_F²)`` of the symmetric ``A`` held in the upper triangle of ``a``.
+
+    ``scale`` (a power of two near ``1/max|a_jj|``) keeps the squares of entries beyond 1e154 finite.
+    """
     d = a.shape[0]
     tr = 0.0
     off = 0.0
     diag = 0.0
     for j in range(d):
         for i in range(j):
-            off += a[i, j] * a[i, j]
-        diag += a[j, j] * a[j, j]
-        tr += a[j, j]
+            v = scale * a[i, j]
+            off += v * v
+        v = scale * a[j, j]
+        diag += v * v
+        tr += v
     return tr, diag + 2.0 * off
 
 

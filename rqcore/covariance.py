@@ -31,6 +31,8 @@ _F32_CHUNK_ROWS = 4096
 # their products (≥ 1e-30) normal.
 _F32_SAFE_MIN = 1e-15
 _F32_SAFE_MAX = 1e15
+# Bound on a batch's second moments (n · max w · max x²) that leaves headroom for the sums.
+_SECOND_MOMENT_LIMIT = 1e300
 # Scratch buffers (weighted, centered, cast or non-contiguous input) are capped at this many bytes.
 _BUFFER_BYTES = 32 << 20
 _STATE_KEYS = (
@@ -119,6 +121,21 @@ def _chan_moments(
         + ((b * tr_b - a * tr_a) + na * nb * (na - nb) / (n * n) * dd) * delta
     )
     return m3, m4
+
+
+def _finite_or_overflowed(
+    third: NDArray[np.float64], fourth: float
+) -> tuple[NDArray[np.float64], float]:
+    """``(third, fourth)``, or ``(0, +inf)`` once either has overflowed.
+
+    Both feed only the Ledoit–Wolf intensity (``third`` only through later merges), so an overflow
+    is recorded as ``fourth = +inf`` — which :meth:`StreamingCovariance.shrinkage_intensity`
+    reports — rather than as NaN/Inf that would make the state unsaveable.
+    """
+    fourth = float(fourth)
+    if math.isfinite(fourth) and np.isfinite(third).all():
+        return third, fourth
+    return np.zeros_like(third), math.inf
 
 
 def _state_scalar(state: Mapping[str, Any], key: str) -> NDArray[Any]:
@@ -290,8 +307,11 @@ class StreamingCovariance:
             If ``X`` does not have a float16/32/64 dtype or ``weights`` is not real.
         ValueError
             If ``X`` is not 2-D or has the wrong width, if ``X`` or ``weights`` holds NaN/Inf, if a
-            weight is negative or ``weights`` has the wrong length. Everything is checked before the
-            state changes: after an error the accumulator is exactly as before.
+            weight is negative or ``weights`` has the wrong length, or if the batch's second moments
+            overflow float64 (entries near 1e154). Everything is checked before the state changes:
+            after an error the accumulator is exactly as before. Fourth moments that overflow
+            (entries near 1e77) are kept as ``+inf``; only ``shrinkage="ledoit-wolf"`` needs them,
+            and it raises then.
 
         Notes
         -----
@@ -326,10 +346,16 @@ class StreamingCovariance:
         wsum, q4 = _k.batch_stats(X, w, has_w, colsum, colmax)
         if not np.isfinite(q4):  # NaN/Inf somewhere, or Σ w ‖x‖⁴ overflows
             check_finite(X, "X")  # raises with the position of the first bad value
-            raise ValueError(
-                f"the batch's moments overflow float64 (max |x| = {float(np.max(np.abs(X))):.3g}, "
-                f"max weight = {float(w.max()) if has_w else 1.0:.3g}); rescale the data."
-            )
+            w_max = float(w.max()) if has_w else 1.0
+            x_max = float(colmax.max())
+            # Σ w x_i x_j ≤ n · w_max · x_max²: the second moments fit, only the fourth (which
+            # only Ledoit–Wolf reads) overflowed. Keep it as +inf; ledoit-wolf then says so.
+            if not (x_max * x_max * w_max * max(n, 1) < _SECOND_MOMENT_LIMIT):
+                raise ValueError(
+                    f"the batch's second moments overflow float64 (max |x| = {x_max:.3g}, "
+                    f"max weight = {w_max:.3g}); rescale the data."
+                )
+            q4 = math.inf
         if not has_w:
             wsum = float(n)
         if not np.isfinite(wsum):
@@ -419,10 +445,11 @@ class StreamingCovariance:
             self._syrk_chunk(chunk, beta)
             beta = 1.0
         _k.rank1_upper(self._scatter, c, delta)
-        self._third, self._fourth = _chan_moments(
-            na, nb, delta, tr_a, q2b, m2a_delta, m2b_delta,
-            decay * self._third, m3b, decay * self._fourth, q4b,
-        )  # fmt: skip
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is recorded as +inf
+            self._third, self._fourth = _finite_or_overflowed(*_chan_moments(
+                na, nb, delta, tr_a, q2b, m2a_delta, m2b_delta,
+                decay * self._third, m3b, decay * self._fourth, q4b,
+            ))  # fmt: skip
         self._weight = na + nb
         self._sum = decay * self._sum + colsum
 
@@ -544,14 +571,16 @@ class StreamingCovariance:
                 m2b_delta = _k.upper_matvec(other._scatter, delta)
                 tr_a = float(np.trace(self._scatter))
                 tr_b = float(np.trace(other._scatter))
-                self._third, self._fourth = _chan_moments(
-                    na, nb, delta, tr_a, tr_b, m2a_delta, m2b_delta,
-                    self._third, other._third, self._fourth, other._fourth,
-                )  # fmt: skip
+                with np.errstate(over="ignore", invalid="ignore"):  # recorded as +inf
+                    self._third, self._fourth = _finite_or_overflowed(*_chan_moments(
+                        na, nb, delta, tr_a, tr_b, m2a_delta, m2b_delta,
+                        self._third, other._third, self._fourth, other._fourth,
+                    ))  # fmt: skip
                 _k.add_upper(self._scatter, 1.0, other._scatter, na * nb / (na + nb), delta)
             else:  # one side has no weight: its moments are all zero
-                self._third = self._third + other._third
-                self._fourth += other._fourth
+                self._third, self._fourth = _finite_or_overflowed(
+                    self._third + other._third, self._fourth + other._fourth
+                )
                 _k.add_upper(self._scatter, 1.0, other._scatter, 0.0, np.zeros(d))
         self._sum = self._sum + other._sum
         self._weight = na + nb
@@ -711,7 +740,11 @@ class StreamingCovariance:
             if d == 1:  # sklearn: the result is the same whatever the shrinkage
                 return 0.0
             n = self._weight
-            tr, frob = _k.upper_trace_frob(self._scatter)
+            # Both intensities are ratios of moments of equal degree: scale by a power of two so
+            # that squares of entries beyond 1e154 (or below 1e-154) neither over- nor underflow.
+            top = float(np.max(np.diagonal(self._scatter)))
+            scale = math.ldexp(1.0, -math.frexp(top)[1]) if top > 0.0 else 1.0
+            tr, frob = _k.upper_trace_frob(self._scatter, scale)
             tr /= n  # moments of the ddof=0 estimate S0 = scatter / n
             frob /= n * n
             mu = tr / d
@@ -722,7 +755,12 @@ class StreamingCovariance:
                 # den ∝ the spread of S0's eigenvalues, ≥ 0 but negative by rounding when S0 ∝ I:
                 # then the target is S0 itself and sklearn's α = 1 (min(num/den, 1) gave -8e15).
                 return 1.0 if den <= 0.0 else min(num / den, 1.0)
-            beta = (self._fourth / n - frob) / (d * n)
+            if not math.isfinite(self._fourth):
+                raise ValueError(
+                    "shrinkage='ledoit-wolf' needs the fourth moments Σ w‖x‖⁴, which overflowed "
+                    "float64 (data beyond about 1e77); rescale the data, or use shrinkage='oas'."
+                )
+            beta = (self._fourth * scale * scale / n - frob) / (d * n)
             delta = (frob - 2.0 * mu * tr + d * mu * mu) / d
             beta = min(beta, delta)
             return 0.0 if beta <= 0.0 else min(beta / delta, 1.0)
@@ -851,11 +889,11 @@ class StreamingCovariance:
         if (
             count < 0
             or not (np.isfinite(weight) and weight >= 0.0)
-            or not (np.isfinite(fourth) and fourth >= 0.0)
+            or not (fourth >= 0.0)  # +inf: the fourth moments overflowed (see update)
         ):
             raise ValueError(
                 f"invalid state: count={count}, total_weight={weight}, fourth={fourth} (count and "
-                "total_weight must be >= 0, fourth a finite number >= 0)."
+                "total_weight must be >= 0, fourth a number >= 0 or +inf)."
             )
         if _k.upper_gram_excess(arrays["scatter"]) > 1e-6:
             raise ValueError(

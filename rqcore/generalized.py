@@ -31,7 +31,7 @@ from rqcore._eigen_kernels import (
 from rqcore._lanczos import KrylovResult, _wanted_eigh, block_lanczos, warm_block_davidson
 from rqcore._lobpcg import lobpcg
 from rqcore._threads import caller_threads, driver_threads, wide, widens
-from rqcore._validation import as_float_array, check_finite, check_symmetric
+from rqcore._validation import as_float_array, as_real, check_finite, check_symmetric
 from rqcore.exceptions import ConvergenceWarning, RqcoreWarning
 from rqcore.pencil import Pencil
 
@@ -104,10 +104,26 @@ class GeneralizedEigenResult:
 def _operator_one_norm(A: Any) -> float:
     """‖A‖₁ (= ‖A‖_∞ for symmetric A), exact for arrays and sparse matrices, estimated for operators."""
     if isinstance(A, np.ndarray):
-        return max_abs_column_sum(A) if A.ndim == 2 else float(np.sum(np.abs(A)))
-    if scipy.sparse.issparse(A):
-        return float(abs(A).sum(axis=0).max())
-    return float(scipy.sparse.linalg.onenormest(_SymmetricOperator(A)))
+        norm = max_abs_column_sum(A) if A.ndim == 2 else float(np.sum(np.abs(A)))
+    elif scipy.sparse.issparse(A):
+        norm = float(abs(A).sum(axis=0).max())
+    else:
+        norm = float(scipy.sparse.linalg.onenormest(_SymmetricOperator(A)))
+    _check_norm_finite(norm, "A")
+    return norm
+
+
+def _check_norm_finite(norm: float, name: str) -> None:
+    """Refuse a matrix whose entries are finite but whose ‖·‖₁ overflows float64.
+
+    The residual measure divides by that norm: an infinite one reads every pair as converged.
+    """
+    if not math.isfinite(norm):
+        raise ValueError(
+            f"‖{name}‖₁ overflows float64 although its entries are finite; scale {name} down "
+            f"(e.g. {name} / np.abs({name}).max()): the eigenvectors do not change and the "
+            "eigenvalues scale by the same factor."
+        )
 
 
 def _balancing_scale(a_norm: float, m_norm: float, dtype: np.dtype[Any]) -> float:
@@ -177,21 +193,66 @@ def pair_residuals(
     Returns
     -------
     residuals : (k,) ndarray of float64
+
+    Raises
+    ------
+    ValueError
+        If the shapes disagree (``values`` must have one entry per column of ``vectors``, and
+        ``vectors`` as many rows as ``A``), or an input is not finite.
+
+    Notes
+    -----
+    An array ``B`` is only multiplied, never factored: ``B`` may be singular (``reg = 0``), as when
+    checking pairs of a pencil whose ``B + εI`` is positive semidefinite only. ``‖M‖₁`` is taken as
+    ``‖B‖₁ + ε``, the bound :class:`Pencil` uses.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rqcore import pair_residuals
+    >>> A, B = np.diag([3.0, 2.0, 1.0]), np.diag([1.0, 1.0, 0.0])
+    >>> pair_residuals(A, B, [3.0, 2.0], np.eye(3)[:, :2])
+    array([0., 0.])
     """
-    pencil = (
-        B if isinstance(B, Pencil) else Pencil(B, reg=reg, dim=np.shape(vectors)[0], copy=False)
-    )
     V = np.asarray(vectors, dtype=np.float64)
-    lam = np.asarray(values, dtype=np.float64)
     if V.ndim == 1:
         V = V[:, None]
-    if norms is None:
-        m_norm = pencil.one_norm
-        norms = (_operator_one_norm(A), m_norm)
-    a_norm, m_norm = norms
+    lam = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    if V.ndim != 2 or lam.ndim != 1 or lam.shape[0] != V.shape[1]:
+        raise ValueError(
+            f"values has shape {np.shape(values)} and vectors {np.shape(vectors)}; pass a (d, k) "
+            "block of vectors and one eigenvalue per column."
+        )
+    d = V.shape[0]
+    if tuple(np.shape(A)) != (d, d):
+        raise ValueError(f"A has shape {np.shape(A)} but vectors has {d} rows; they must agree.")
+    check_finite(V, "vectors")
+    check_finite(lam, "values")
+    if isinstance(B, Pencil) or B is None:
+        pencil = B if isinstance(B, Pencil) else Pencil(None, dim=d)
+        if pencil.dim != d:
+            raise ValueError(f"the pencil has dimension {pencil.dim} but vectors has {d} rows.")
+        MV = np.asarray(pencil.matvec(V.astype(pencil.dtype, copy=False)), dtype=np.float64)
+        if norms is None:
+            norms = (_operator_one_norm(A), pencil.one_norm)
+    else:
+        # Multiply only: a Pencil would factor B + εI, which needs it definite and costs O(d³).
+        reg = as_real(reg, "reg")
+        if not (math.isfinite(reg) and reg >= 0):
+            raise ValueError(f"reg must be a finite number >= 0, got {reg}.")
+        if scipy.sparse.issparse(B):
+            B = B.toarray()
+        B64 = as_float_array(B, "B", ndim=2).astype(np.float64, copy=False)
+        if B64.shape != (d, d):
+            raise ValueError(f"B has shape {B64.shape} but vectors has {d} rows; they must agree.")
+        check_finite(B64, "B")
+        trace = float(np.trace(B64))
+        eps = reg * (trace / d if trace > 0 else 1.0)
+        MV = B64 @ V + eps * V
+        if norms is None:
+            norms = (_operator_one_norm(A), max_abs_column_sum(B64) + eps)
     AV = np.asarray(A @ V, dtype=np.float64)
-    MV = np.asarray(pencil.matvec(V.astype(pencil.dtype, copy=False)), dtype=np.float64)
-    return _residual_measures(AV, MV, lam, V, (a_norm, m_norm))
+    return _residual_measures(AV, MV, lam, V, norms)
 
 
 def _residual_measures(
@@ -242,6 +303,7 @@ def _validate_A(A: Any) -> tuple[Any, int, np.dtype[Any], bool, float | None]:
     asym, scale, finite, a_norm = asymmetry_and_norm(arr, threads=caller_threads())
     if not finite:
         check_finite(arr, "A")
+        _check_norm_finite(a_norm, "A")
     rtol = 100.0 * float(np.finfo(arr.dtype).eps)
     if asym > rtol * max(scale, np.finfo(np.float64).tiny):
         check_symmetric(arr, "A")  # raises with the standard message
@@ -1304,7 +1366,8 @@ def generalized_topk(
     Scale: when ``‖A‖₁/‖M‖₁`` lies outside ``2^±60`` (``2^±20`` in float32) the iterative methods work on
     ``2^j·A`` with that ratio near 1 and divide the values by ``2^j`` (exact), so that squared
     residuals and Gram entries neither under- nor overflow; norms are recomputed with scaling where a
-    sum of squares leaves the safe range. Any scale that float64 represents works.
+    sum of squares leaves the safe range. Any scale works whose norms ``‖A‖₁`` and ``‖B‖₁`` float64
+    represents; beyond that a ValueError asks to scale the matrix down.
 
     ``"dense"``
         ``sygst``, then ``sytrd`` + ``stemr`` on the index subset (``syevd`` on all pairs for

@@ -19,7 +19,13 @@ from numpy.typing import NDArray
 from rqcore._blas import SPLIT_SOLVE_MIN_DIM, split_triangular_solve
 from rqcore._eigen_kernels import mirror_lower_triangle
 from rqcore._threads import WIDE_MIN_DIM, caller_threads, current_threads, driver_threads, wide
-from rqcore._validation import as_float_array, check_finite, check_positive_int, check_symmetric
+from rqcore._validation import (
+    as_float_array,
+    as_real,
+    check_finite,
+    check_positive_int,
+    check_symmetric,
+)
 from rqcore.exceptions import RqcoreWarning
 
 __all__ = ["Pencil"]
@@ -140,7 +146,7 @@ class Pencil:
     def __init__(
         self, B: Any, *, reg: float = 1e-6, dim: int | None = None, copy: bool = True
     ) -> None:
-        reg = float(reg)
+        reg = as_real(reg, "reg")
         if not np.isfinite(reg) or reg < 0:
             raise ValueError(f"reg must be a finite number >= 0, got {reg}.")
         self.reg = reg
@@ -189,7 +195,14 @@ class Pencil:
             B.flags.writeable = False
         self.B = B
         self.dtype = B.dtype
-        trace = float(np.trace(shifted, dtype=np.float64))  # the copy is in cache
+        with np.errstate(over="ignore"):  # an overflow is refused just below
+            trace = float(np.trace(shifted, dtype=np.float64))  # the copy is in cache
+        if not (np.isfinite(b_norm) and np.isfinite(trace)):
+            raise ValueError(
+                "‖B‖₁ or trace(B) overflows float64 although B's entries are finite; scale B down "
+                "(e.g. B / np.abs(B).max()): the eigenvectors do not change and the eigenvalues "
+                "scale by the inverse factor."
+            )
         self.reg_used = reg * (trace / d if trace > 0 else 1.0)
         self._one_norm: float | None = float(b_norm + self.reg_used)
         shifted.flat[:: d + 1] += self.reg_used

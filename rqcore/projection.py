@@ -43,6 +43,15 @@ _WORK_DTYPES = (np.float32, np.float64)
 
 
 # --------------------------------------------------------------------------------------- results
+
+
+def _frozen(a: ArrayLike) -> FloatArray:
+    """A C-ordered, read-only copy of ``a``."""
+    out = np.array(a, order="C", copy=True)
+    out.flags.writeable = False
+    return out
+
+
 class QuadraticForm(NamedTuple):
     """A quadratic form evaluated on every row of ``G``: ``per_row[i] = G[i] · C · G[i]``.
 
@@ -444,15 +453,32 @@ class RayleighBasis:
             if MV.shape != (d, k):
                 raise ValueError(f"dual has shape {MV.shape}; expected {(d, k)}.")
             check_finite(MV, "dual")
-        self.values = np.array(lam, copy=True)
-        self.vectors = V
-        self.MV = np.ascontiguousarray(MV, dtype=V.dtype)
+        # Private read-only copies: the per-dtype casts below are cached, so an array changed in
+        # place (or the caller's result edited) would leave them stale.
+        self._values = _frozen(lam)
+        self._vectors = _frozen(V)
+        self._MV = _frozen(np.asarray(MV, dtype=V.dtype))
         self.B = B
         self.reg_used = eps
         self._cp_known = bool(cp_known)
         self.dim, self.rank = d, k
         self._m_norm_bound = _spectral_norm_bound(B, eps) if cp_known else float("nan")
         self._cast_cache: dict[np.dtype[Any], tuple[FloatArray, FloatArray]] = {}
+
+    @property
+    def values(self) -> FloatArray:
+        """``(k,)`` eigenvalues, read-only (:meth:`update` or a new basis replaces them)."""
+        return self._values
+
+    @property
+    def vectors(self) -> FloatArray:
+        """``(d, k)`` ``V``, C-ordered and read-only."""
+        return self._vectors
+
+    @property
+    def MV(self) -> FloatArray:
+        """``(d, k)`` dual basis ``M V``, C-ordered and read-only."""
+        return self._MV
 
     @classmethod
     def from_result(
@@ -611,11 +637,13 @@ class RayleighBasis:
                 "call configure(gains=...) with a function of the eigenvalues first."
             )
         fresh = RayleighBasis.from_result(new_result)
+        # Gains first: a rule that fails on the new eigenvalues must leave this basis as it was.
+        gains = fresh._resolve_gains(self._gain_rule if self._gain_rule is not None else self.gains)
         self._set_basis(fresh.values, fresh.vectors, fresh.MV, fresh.B, fresh.reg_used, True)
         self.pencil = fresh.pencil
         if A is not None:
             self.A = A
-        self.configure(gains=self._gain_rule if self._gain_rule is not None else self.gains)
+        self.gains = gains
         return self
 
     # ------------------------------------------------------------------ configuration
@@ -665,7 +693,7 @@ class RayleighBasis:
             self.gains = self._resolve_gains(gains)
             self._gain_rule = gains if callable(gains) else None
         if complement is not None:
-            c = float(complement)
+            c = as_real(complement, "complement")
             if not np.isfinite(c):
                 raise ValueError(f"complement must be finite, got {complement!r}.")
             self.complement = c
@@ -870,7 +898,7 @@ class RayleighBasis:
         G2, was_1d = _rows(G, self.dim)
         out2 = _check_out(out, G2, was_1d)
         g = self._resolve_gains(gains)
-        gperp = float(complement)
+        gperp = as_real(complement, "complement")
         if not np.isfinite(gperp):
             raise ValueError(f"complement must be finite, got {complement!r}.")
         Vc, MVc = self._cast(G2.dtype)
@@ -1157,7 +1185,7 @@ class RayleighBasis:
             complement=float(state["complement"]),
             cp_known=cp != "absent",
         )
-        basis.values = np.array(state["values"], copy=True)
+        basis._values = _frozen(state["values"])
         basis._m_norm_bound = float(state["m_norm_bound"])
         return basis
 
@@ -1244,13 +1272,18 @@ class NullspaceProjector:
     ) -> None:
         self.C = C
         self.values = values
-        self.basis = np.ascontiguousarray(basis)
+        self._basis = _frozen(basis)  # read-only: its per-dtype casts are cached
         self.energy = energy
         self.dim, self.rank = basis.shape
         self._cast_cache: dict[np.dtype[Any], FloatArray] = {}
 
     def __repr__(self) -> str:
         return f"NullspaceProjector(dim={self.dim}, rank={self.rank}, energy={self.energy:g})"
+
+    @property
+    def basis(self) -> FloatArray:
+        """``(d, r)`` orthonormal ``U`` of the kept directions, C-ordered and read-only."""
+        return self._basis
 
     @property
     def captured_energy(self) -> float:

@@ -581,7 +581,7 @@ def test_total_weight_overflow_is_rejected_and_state_kept():
         ("dim", np.array(3.7), "must be an integer"),
         ("centered", np.array("False"), "must be a bool"),
         ("count", np.array(1e30), "must be an integer"),
-        ("fourth", np.array(-1.0), "fourth a finite number >= 0"),
+        ("fourth", np.array(-1.0), r"fourth a number >= 0 or \+inf"),
         ("total_weight", np.array(0.0), "total_weight is 0 but the sums are not"),
         ("decay", np.array("x"), "must be a real number"),
         ("dim", np.array([3]), "must be a scalar"),
@@ -619,3 +619,44 @@ def test_states_of_real_streams_pass_the_semidefinite_check(rng, centered):
         b.update(chunk[::-1] * 0.5)
     a.merge(b)
     assert StreamingCovariance.from_state_dict(a.state_dict()) == a
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_fourth_moments_that_overflow_are_kept_as_inf_and_only_ledoit_wolf_refuses(centered):
+    # Entries near 1e77: the covariance fits float64, Σ‖x‖⁴ does not. Such batches were refused
+    # (uncentered), or left a state with fourth = inf that copy/pickle then rejected (centered).
+    acc = StreamingCovariance(4, centered=centered)
+    acc.update(np.full((1, 4), -5e76))
+    acc.update(np.full((1, 4), 5e76) * np.array([1.0, 2.0, 3.0, 4.0]))
+    acc.update(np.random.default_rng(0).standard_normal((10, 4)) * 1e78)
+    assert acc.state_dict()["fourth"] == np.inf
+    assert np.isfinite(acc.covariance()).all()
+    assert pickle.loads(pickle.dumps(acc)) == acc and acc.copy() == acc
+    assert np.isfinite(acc.covariance(shrinkage="oas")).all()
+    with pytest.raises(ValueError, match="overflowed float64"):
+        acc.covariance(shrinkage="ledoit-wolf")
+    merged = StreamingCovariance.merged(
+        [acc, StreamingCovariance(4, centered=centered).update(np.eye(4))]
+    )
+    assert merged.state_dict()["fourth"] == np.inf
+
+
+def test_second_moments_that_overflow_are_still_refused():
+    acc = StreamingCovariance(3).update(np.eye(3))
+    before = acc.state_dict()
+    with pytest.raises(ValueError, match="second moments overflow"):
+        acc.update(np.full((2, 3), 1e160))
+    assert all(np.array_equal(before[k], v) for k, v in acc.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("method", "factor"),
+    # Squares of the scatter's entries leave float64 at 2^±300 (OAS); Ledoit–Wolf's Σ‖x‖⁴ itself
+    # does beyond about 2^±250, so it is checked where that moment exists.
+    [("oas", 2.0**-300), ("oas", 2.0**300), ("ledoit-wolf", 2.0**-200), ("ledoit-wolf", 2.0**200)],
+)
+def test_shrinkage_intensities_are_scale_invariant(method, factor):
+    X = np.random.default_rng(3).standard_normal((40, 5)) @ np.diag([3.0, 1.0, 1.0, 0.5, 0.1])
+    unit = StreamingCovariance(5, centered=True).update(X)
+    scaled = StreamingCovariance(5, centered=True).update(X * factor)  # exact: a power of two
+    assert scaled.shrinkage_intensity(method) == pytest.approx(unit.shrinkage_intensity(method))

@@ -1014,3 +1014,47 @@ def test_not_definite_message_names_a_reg_that_works(B, reg):
     suggested = float(re.search(r"(?:pass|e\.g\.) reg=([0-9.e+-]*[0-9])", str(info.value))[1])
     assert suggested > reg
     Pencil(B, reg=suggested)  # factors
+
+
+# --- norms beyond float64; pair_residuals: shapes and a singular B -----------------------------
+
+
+@pytest.mark.parametrize("method", ["dense", "lanczos", "lobpcg"])
+def test_a_norm_that_overflows_is_a_clear_error_not_zero_residuals(method):
+    # Entries ±1e306 are finite but ‖A‖₁ = 3e308 is not: every residual read 0 and wrong values
+    # came back with converged=True.
+    rng = np.random.default_rng(0)
+    S = np.sign(rng.standard_normal((300, 300)))
+    A = 1e306 * (np.triu(S) + np.triu(S, 1).T)
+    with pytest.raises(ValueError, match="‖A‖₁ overflows float64"):
+        generalized_topk(A, None, 4, method=method)
+    with pytest.raises(ValueError, match="‖A‖₁ overflows float64"):
+        pair_residuals(A, None, np.ones(4), np.eye(300)[:, :4])
+    with pytest.raises(ValueError, match="‖B‖₁ or trace"):
+        Pencil(A * 0 + 1e306 * np.eye(300) + 1e306, reg=0.0)
+
+
+def test_pair_residuals_rejects_values_that_do_not_match_the_vectors():
+    A = np.diag([3.0, 2.0, 1.0])
+    with pytest.raises(ValueError, match="one eigenvalue per column"):
+        pair_residuals(A, None, [3.0], np.eye(3))  # read past the end of values before
+    with pytest.raises(ValueError, match="vectors has 2 rows"):
+        pair_residuals(A, None, [3.0], np.eye(2)[:, :1])
+
+
+def test_pair_residuals_multiplies_a_singular_b_without_factoring_it():
+    A, B = np.diag([3.0, 2.0, 1.0]), np.diag([1.0, 1.0, 0.0])
+    np.testing.assert_array_equal(pair_residuals(A, B, [3.0, 2.0], np.eye(3)[:, :2]), [0.0, 0.0])
+    # The same measure as through a Pencil where both apply (reg > 0).
+    V = np.random.default_rng(1).standard_normal((3, 2))
+    np.testing.assert_allclose(
+        pair_residuals(A, B, [2.5, 1.5], V, reg=0.1),
+        pair_residuals(A, Pencil(B, reg=0.1), [2.5, 1.5], V),
+        rtol=1e-14,
+    )
+
+
+@pytest.mark.parametrize("reg", ["0.5", True])
+def test_pencil_reg_must_be_a_number(reg):
+    with pytest.raises(TypeError, match="reg must be a real number"):
+        Pencil(np.eye(3), reg=reg)

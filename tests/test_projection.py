@@ -482,3 +482,47 @@ def test_nullspace_state_dict_is_validated():
     basis[0, 0] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         NullspaceProjector.from_state_dict(dict(state, basis=basis))
+
+
+def test_update_that_the_gain_rule_rejects_leaves_the_basis_unchanged():
+    A = np.diag([4.0, 3.0, 2.0, 1.0])
+
+    def two_only(lam):
+        if lam.size != 2:
+            raise ValueError("rule expects 2 eigenvalues")
+        return np.array([1.0, 0.5])
+
+    basis = RayleighBasis.from_pencil(A, None, k=2, gains=two_only)
+    before = (basis.values.copy(), basis.vectors.copy(), basis.gains.copy(), basis.rank)
+    with pytest.raises(ValueError, match="rule expects 2"):
+        basis.update(generalized_topk(A, None, k=3))
+    np.testing.assert_array_equal(basis.values, before[0])
+    np.testing.assert_array_equal(basis.vectors, before[1])
+    np.testing.assert_array_equal(basis.gains, before[2])
+    assert basis.rank == before[3]
+    np.testing.assert_allclose(basis.apply(np.ones(4)), [1.0, 0.5, 0.0, 0.0], atol=1e-15)
+
+
+def test_basis_arrays_are_read_only_so_cached_casts_cannot_go_stale():
+    result = generalized_topk(np.diag([3.0, 2.0, 1.0]), None, k=2)
+    basis = RayleighBasis.from_result(result)
+    basis.coordinates(np.ones(3, dtype=np.float32))  # caches the float32 cast
+    for name in ("values", "vectors", "MV"):
+        with pytest.raises(ValueError, match="read-only"):
+            getattr(basis, name)[...] = 0.0
+        with pytest.raises(AttributeError):
+            setattr(basis, name, getattr(basis, name) * 2.0)
+    result.vectors[...] = 0.0  # the caller's result stays theirs: the basis holds a copy
+    assert np.abs(basis.vectors).max() == 1.0
+    proj = NullspaceProjector(np.diag([3.0, 2.0, 1e-9]), energy=0.9)
+    with pytest.raises(ValueError, match="read-only"):
+        proj.basis[...] = 0.0
+
+
+@pytest.mark.parametrize("complement", ["0.25", True])
+def test_complement_must_be_a_number(complement):
+    basis = RayleighBasis.from_pencil(np.diag([3.0, 1.0]), None)
+    with pytest.raises(TypeError, match="complement must be a real number"):
+        basis.configure(complement=complement)
+    with pytest.raises(TypeError, match="complement must be a real number"):
+        basis.gate(np.ones(2), 1.0, complement=complement)
