@@ -6,8 +6,8 @@ with them for the cores: on 2 cores, d = 4096, a ``(4096, 300) × (300, 32)`` Nu
 threads between the operator's SciPy ``trsm``/``gemm`` calls made those calls 2.1× slower (37 → 80 ms)
 and itself slower than on one thread (4.3 → 6.6 ms), while the same product through SciPy's ``gemm``
 ran 1.9× faster on two threads (2.2 → 1.2 ms) and left the operator's calls unchanged. So every product
-a driver may run on several threads goes through :func:`gemm` here (the same library as the operator's
-``trsm``/``gemm``). On one thread it is also the faster call for the tall-times-small shape
+a Lanczos/Davidson driver may run on several threads goes through :func:`gemm` here (the same library
+as the operator's ``trsm``/``gemm``); the LOBPCG driver runs single-threaded and keeps NumPy's ``@``. On one thread it is also the faster call for the tall-times-small shape
 ``(d, n) × (n, c)``: 2.0 against 3.8 ms for NumPy's ``@`` (d = 4096, n = 300, c = 32), whose row-major
 call puts the small dimension first.
 """

@@ -16,7 +16,6 @@ from numpy.typing import NDArray
 from rqcore._numba import njit
 
 __all__ = [
-    "asymmetry",
     "asymmetry_and_norm",
     "column_norms",
     "convergence_mask",
@@ -231,12 +230,6 @@ _ROW_ORDER_MAX_BYTES = 2 << 20
 #: (d = 4096: 30 → 16 ms when introduced, 32–35 → 23–27 ms in later runs; one core does not saturate
 #: the memory bus).
 _TWO_THREAD_MIN_DIM = 2048
-
-
-def asymmetry(A: NDArray[Any]) -> tuple[float, float, bool]:
-    """``(max |A − Aᵀ|, max |A|, all finite)`` of a square matrix in one cache-blocked pass."""
-    a, s, f, _ = asymmetry_and_norm(A)
-    return a, s, f
 
 
 def asymmetry_and_norm(A: NDArray[Any], *, threads: int = 1) -> tuple[float, float, bool, float]:

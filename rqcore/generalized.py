@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,17 @@ class GeneralizedEigenResult:
         The factored right-hand side, to reuse in the next solve (``generalized_topk(A2, result.pencil, k)``).
         Built from an array ``B`` it refers to ``B`` without a copy (``Pencil(..., copy=False)``): do not
         modify ``B`` while reusing it, or pass ``Pencil(B)``, which keeps a copy.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rqcore import generalized_topk
+    >>> result = generalized_topk(np.diag([3.0, 2.0, 1.0]), np.eye(3), k=2, reg=0.0)
+    >>> result.values, result.method, bool(result.converged)
+    (array([3., 2.]), 'dense', True)
+    >>> values, vectors = result                  # unpacks like scipy.linalg.eigh
+    >>> vectors.shape
+    (3, 2)
     """
 
     values: FloatArray
@@ -87,7 +98,7 @@ class GeneralizedEigenResult:
     #: as ``(Lᵀ·guard, guard)`` (block Lanczos and warm Davidson results; None otherwise).
     _guard: tuple[FloatArray, FloatArray] | None = field(default=None, repr=False, compare=False)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[FloatArray]:
         """Yield ``values`` then ``vectors`` so the result unpacks like ``scipy.linalg.eigh``'s."""
         yield self.values
         yield self.vectors
@@ -413,15 +424,6 @@ def _lanczos_params(d: int, k: int, warm: bool) -> tuple[int, int]:
     return b, max(min(basis, d - b), k + b)
 
 
-def _form_reduced(d: int, k: int, warm: bool) -> bool:
-    """Whether to form ``C = L⁻¹AL⁻ᵀ`` (``sygst``, ≈ d³ flops) instead of applying it per block.
-
-    Applying costs ``4d²`` flops per column (two ``trsm`` and a ``gemm``), the formed matrix ``2d²``;
-    forming pays when the run needs more than about ``d/2`` operator columns.
-    """
-    return False
-
-
 def _check_preconditioner(M: Any, d: int) -> None:
     """Raise a clear error for a preconditioner of the wrong kind or shape (before any work)."""
     if isinstance(M, np.ndarray) or scipy.sparse.issparse(M):
@@ -522,7 +524,6 @@ def _build_problem(
     is_operator: bool,
     a_norm: float,
     dtype: np.dtype[Any],
-    form: bool,
 ) -> _Problem:
     identity: Callable[[NDArray[np.float64]], NDArray[np.float64]] = lambda t: t  # noqa: E731
     if not largest and not is_operator:
@@ -542,11 +543,6 @@ def _build_problem(
                 transform="shift-invert",
                 sigma=sigma,
             )
-    if form and not is_operator:
-        C = pencil.reduce(A)
-        C = np.tril(C) + np.tril(C, -1).T  # sygst fills the lower triangle only
-        return _Problem(op=lambda Y: C @ Y, largest=largest, to_lambda=identity, transform="none")
-
     if isinstance(A, np.ndarray) and not pencil.is_identity and A.dtype == pencil.dtype:
         # BLAS directly: trsm, symm (one triangle of A, Fortran view of the symmetric array), trsm
         # in place; no copies of A or of the (d, b) blocks.
@@ -1049,7 +1045,6 @@ def _iterative(
             is_operator=is_operator,
             a_norm=a_norm,
             dtype=dtype,
-            form=_form_reduced(d, k, warm) and method == "lanczos",
         )
     # The drivers run single-threaded BLAS (rqcore._threads); the operator's large products get the
     # caller's thread count back.
@@ -1191,8 +1186,9 @@ def _iterative(
             # A repeated eigenvalue among the wanted ones (its missing copies enter a single-vector
             # Krylov space by rounding only), rounding or a loose ARPACK estimate: the block iteration
             # takes over, with a block wider than the run of copies seen (up to k, which suffices for
-            # the k wanted pairs), from a random start (a start block holding some pairs converged to
-            # ~1e-17 and others not made the block iteration stall in a test).
+            # the k wanted pairs), from a random start on a cold solve and from ``Lᵀv0`` on a warm
+            # one (not from the ARPACK pairs: a start block holding some pairs converged to ~1e-17
+            # and others not made the block iteration stall in a test).
             b = min(k, max(b, copies + 1))
     while True:
         if method == "lanczos":
@@ -1436,6 +1432,8 @@ def generalized_topk(
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
     A, d, dtype, is_operator, a_norm = _validate_A(A)
+    if d == 0:
+        raise ValueError("A is 0x0: the pencil needs d >= 1.")
     if isinstance(B, Pencil):
         pencil = B
         if pencil.dim != d:

@@ -264,26 +264,85 @@ class Pencil:
         return f"Pencil(dim={self.dim}, {kind}, reg={self.reg:g}, reg_used={self.reg_used:.3g})"
 
     def matvec(self, X: FloatArray) -> FloatArray:
-        """Return ``M @ X`` for a vector or a (d, m) block, without forming ``M``."""
+        """Return ``M @ X`` for a vector or a (d, m) block, without forming ``M``.
+
+        Parameters
+        ----------
+        X : (d,) or (d, m) ndarray
+            A vector or a block of columns.
+
+        Returns
+        -------
+        ndarray
+            A new array of ``X``'s shape (the identity pencil returns a copy of ``X``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from rqcore import Pencil
+        >>> P = Pencil(np.diag([4.0, 1.0]), reg=0.0)
+        >>> P.matvec(np.ones(2))
+        array([4., 1.])
+        """
         if self.B is None:
             return np.array(X, copy=True)
         return self.B @ X + self.reg_used * X
 
     def solve(self, X: FloatArray) -> FloatArray:
-        """Return ``M⁻¹ X`` using the stored Cholesky factor."""
+        """Return ``M⁻¹ X`` using the stored Cholesky factor (LAPACK ``potrs``).
+
+        Parameters
+        ----------
+        X : (d,) or (d, m) ndarray
+            A vector or a block of columns.
+
+        Returns
+        -------
+        ndarray
+            A new array of ``X``'s shape (the identity pencil returns a copy of ``X``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from rqcore import Pencil
+        >>> Pencil(np.diag([4.0, 1.0]), reg=0.0).solve(np.ones(2))
+        array([0.25, 1.  ])
+        """
         if self._factor is None:
             return np.array(X, copy=True)
         # LAPACK potrs reads the lower triangle only.
         return scipy.linalg.cho_solve((self._factor, True), X, check_finite=False)
 
     def solve_lower(self, X: FloatArray) -> FloatArray:
-        """Return ``L⁻¹ X`` (forward substitution)."""
+        """Return ``L⁻¹ X`` (forward substitution), with ``M = L Lᵀ``.
+
+        Parameters
+        ----------
+        X : (d,) or (d, m) ndarray
+            A vector or a block of columns.
+
+        Returns
+        -------
+        ndarray
+            A new array of ``X``'s shape (the identity pencil returns a copy of ``X``).
+        """
         if self._factor is None:
             return np.array(X, copy=True)
         return self._triangular("trsm", X, trans=False)
 
     def solve_upper(self, X: FloatArray) -> FloatArray:
-        """Return ``L⁻ᵀ X`` (back substitution); maps reduced-problem vectors back to the pencil's."""
+        """Return ``L⁻ᵀ X`` (back substitution); maps reduced-problem vectors back to the pencil's.
+
+        Parameters
+        ----------
+        X : (d,) or (d, m) ndarray
+            A vector or a block of columns.
+
+        Returns
+        -------
+        ndarray
+            A new array of ``X``'s shape (the identity pencil returns a copy of ``X``).
+        """
         if self._factor is None:
             return np.array(X, copy=True)
         return self._triangular("trsm", X, trans=True)
@@ -293,6 +352,25 @@ class Pencil:
 
         The reduced matrix has the pencil's eigenvalues; its eigenvectors ``y`` map back by
         ``v = L⁻ᵀ y``, which makes them ``M``-orthonormal.
+
+        Parameters
+        ----------
+        A : (d, d) ndarray
+            Symmetric; only its lower triangle is read.
+
+        Returns
+        -------
+        (d, d) ndarray
+            Fortran-ordered, in the wider of ``A``'s and the pencil's dtypes; only the lower
+            triangle is valid.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from rqcore import Pencil
+        >>> C = Pencil(np.diag([4.0, 1.0]), reg=0.0).reduce(np.diag([8.0, 3.0]))
+        >>> np.diag(C)
+        array([2., 3.])
         """
         if self._factor is None:
             return np.array(A, dtype=self.dtype if A.dtype != np.float32 else A.dtype, copy=True)
@@ -361,13 +439,35 @@ class Pencil:
         return out[:, 0] if vector else out
 
     def lower_matmul(self, X: FloatArray) -> FloatArray:
-        """Return ``L X``: maps reduced-coordinate residuals to the pencil's (``A v − λMv = L r``)."""
+        """Return ``L X``: maps reduced-coordinate residuals to the pencil's (``A v − λMv = L r``).
+
+        Parameters
+        ----------
+        X : (d,) or (d, m) ndarray
+            A vector or a block of columns.
+
+        Returns
+        -------
+        ndarray
+            A new array of ``X``'s shape (the identity pencil returns a copy of ``X``).
+        """
         if self._factor is None:
             return np.array(X, copy=True)
         return self._triangular("trmm", X, trans=False)
 
     def upper_matmul(self, X: FloatArray) -> FloatArray:
-        """Return ``Lᵀ X``: maps pencil vectors to reduced coordinates (``y = Lᵀ v``)."""
+        """Return ``Lᵀ X``: maps pencil vectors to reduced coordinates (``y = Lᵀ v``).
+
+        Parameters
+        ----------
+        X : (d,) or (d, m) ndarray
+            A vector or a block of columns.
+
+        Returns
+        -------
+        ndarray
+            A new array of ``X``'s shape (the identity pencil returns a copy of ``X``).
+        """
         if self._factor is None:
             return np.array(X, copy=True)
         return self._triangular("trmm", X, trans=True)
@@ -403,6 +503,18 @@ class Pencil:
         block (``4·d²·b`` flops for dense ``A``): BLAS-3 ``trsm`` for blocks, ``trsv`` for one or two
         columns, where OpenBLAS's ``trsm`` is 2-4× slower (a LinearOperator for ``eigsh`` calls this
         with one vector per product).
+
+        Parameters
+        ----------
+        A : (d, d) ndarray, sparse array or LinearOperator
+            The symmetric left-hand side.
+        X : (d,) or (d, b) ndarray
+            Reduced-coordinate vectors.
+
+        Returns
+        -------
+        ndarray
+            ``L⁻¹ A L⁻ᵀ X``, of ``X``'s shape.
         """
         Z = self.solve_upper(X)
         Z = np.asarray(A @ Z)
