@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -67,7 +68,8 @@ def _check_lora(lora: Mapping[str, Any]) -> dict[str, Any]:
 def _inject_lora(model: nn.Module, spec: dict[str, Any], resolved: list[Target]) -> list[str]:
     """Add PEFT LoRA adapters to ``model`` in place; the names of the preserved LoRA layers.
 
-    ``target_modules`` defaults to the ``nn.Linear`` targets. ``peft.inject_adapter_in_model`` keeps
+    ``target_modules`` defaults to exactly the ``nn.Linear`` targets (by full name; a user list keeps
+    PEFT's suffix matching). ``peft.inject_adapter_in_model`` keeps
     the model object (same class and forward; PEFT freezes every non-LoRA parameter).
     """
     try:
@@ -79,13 +81,16 @@ def _inject_lora(model: nn.Module, spec: dict[str, Any], resolved: list[Target])
             "the model already has PEFT LoRA layers; drop lora= (preserve gates existing adapters)."
         )
     names = [t.name for t in resolved]
-    modules = spec["target_modules"]
+    modules: str | list[str] | None = spec["target_modules"]
     if modules is None:
-        modules = [t.name for t in resolved if t.kind == "linear"]
-        if not modules:
+        linear = [t.name for t in resolved if t.kind == "linear"]
+        if not linear:
             raise ValueError(
                 "lora=: none of the preserved layers is an nn.Linear; pass lora['target_modules']."
             )
+        # PEFT matches a list entry as a name *suffix* ("1" also selects "0.1", which would train
+        # ungated), but a str with re.fullmatch: anchor the exact names.
+        modules = "^(" + "|".join(map(re.escape, linear)) + ")$"
     config = LoraConfig(
         r=spec["r"],
         lora_alpha=spec["alpha"],
@@ -182,8 +187,9 @@ def preserve(
         (:meth:`~PreservationHandle.optimizer`); ``"gate"``/``"nullspace"`` can also wrap one.
     rank, gate, tau, complement, reg, refresh_every
         See :class:`~rqcore_torch.PreserveConfig`.
-    task_loader : iterable, optional
-        Task batches for a ``C_t`` pre-pass (eval mode, like calibration).
+    task_loader : iterable or CalibrationMix, optional
+        Task batches for a ``C_t`` pre-pass (eval mode, like calibration); a
+        :func:`~rqcore_torch.mix` of task sources gives ``C_t = Σ_s w_s C_s``.
     forward : callable, optional
         ``forward(model, batch)`` overriding how batches are fed.
     max_batches, token_fraction, progress, seed
@@ -289,20 +295,56 @@ def _preserve_resolved(
         )
     task = None
     if task_loader is not None and config.method in ("gate", "folora"):
-        task = CalibrationStatistics()
-        # Same grouping as C_p, so each group's pencil pairs matching statistics.
-        task.layers = {n: _LayerEntry(e.group, e.dim) for n, e in stats.layers.items()}
-        task = calibrate(
+        task = _task_statistics(model, task_loader, config, resolved, stats, forward)
+    return PreservationHandle(model, config, resolved, stats, task_statistics=task)
+
+
+def _task_statistics(
+    model: nn.Module,
+    task_loader: Any,
+    config: PreserveConfig,
+    resolved: list[Target],
+    stats: CalibrationStatistics,
+    forward: Any,
+) -> CalibrationStatistics:
+    """``C_t`` over ``task_loader`` (a loader or a :func:`~rqcore_torch.mix`), grouped as ``stats``.
+
+    Each pass starts from statistics whose layers are pre-grouped as ``C_p``'s, so each group's pencil
+    pairs matching statistics. ``calibrate`` cannot continue pre-filled statistics over a mix, so a
+    mix is run here source by source (seeds ``seed + i``, as ``calibrate`` does) and merged as
+    ``Σ_s w_s C_s``.
+    """
+    targets = [t for t in resolved if t.name in stats.layers]
+
+    def run(loader: Any, seed: int | None) -> CalibrationStatistics:
+        fresh = CalibrationStatistics()
+        fresh.layers = {n: _LayerEntry(e.group, e.dim) for n, e in stats.layers.items()}
+        return calibrate(
             model,
-            task_loader,
-            targets=[t for t in resolved if t.name in stats.layers],
+            loader,
+            targets=targets,
             forward=forward,
             max_batches=config.max_batches,
             token_fraction=config.token_fraction,
             share_inputs=config.share_inputs,
             progress=config.progress,
-            seed=config.seed,
-            statistics=task,
+            seed=seed,
+            statistics=fresh,
             skip_batches=0,
         )
-    return PreservationHandle(model, config, resolved, stats, task_statistics=task)
+
+    if not hasattr(task_loader, "sources"):
+        return run(task_loader, config.seed)
+    seed = config.seed
+    parts = [
+        (run(source, None if seed is None else seed + i), weight)
+        for i, (source, weight) in enumerate(task_loader.sources)
+    ]
+    groups = {frozenset(part.groups) for part, _ in parts}
+    if len(groups) > 1:
+        # weighted_merge needs every group in every source.
+        raise ValueError(
+            "task_loader: the sources of the mix reached different layers; give every source "
+            "batches that run the same model path, or drop the sources that skip layers."
+        )
+    return CalibrationStatistics.weighted_merge(parts)

@@ -4,11 +4,11 @@ A *target* is a layer whose input statistics are collected and whose trainable p
 
 * ``torch.nn.Linear``: rows of ``[W | b]`` (the input is augmented with a constant 1 when ``b`` exists);
 * Hugging Face ``Conv1D`` (GPT-2): the same with the transposed weight (``(d_in, d_out)``);
-* PEFT ``lora.Linear``: the input of its ``base_layer`` is hooked; the gated parameters are the
-  ``lora_A`` factors (their rows live in the input space), one per adapter. ``lora_B``'s rows live in
-  the rank-``r`` space, not the input space: it is not a target parameter, but ``method="folora"`` gates
-  it in the r-dimensional pencil ``(L_A C_t L_Aᵀ, L_A C_p L_Aᵀ)`` (the handle builds it); the base
-  weight is frozen by PEFT.
+* PEFT ``lora.Linear`` (over an ``nn.Linear`` or a ``Conv1D``): the input of its ``base_layer`` is
+  hooked; the gated parameters are the ``lora_A`` factors (their rows live in the input space), one
+  per adapter. ``lora_B``'s rows live in the rank-``r`` space, not the input space: it is not a
+  target parameter, but ``method="folora"`` gates it in the r-dimensional pencil
+  ``(L_A C_t L_Aᵀ, L_A C_p L_Aᵀ)`` (the handle builds it); the base weight is frozen by PEFT.
 """
 
 from __future__ import annotations
@@ -84,17 +84,40 @@ class Target:
         )
 
     def effective_weight(self) -> torch.Tensor:
-        """The augmented weight ``[W | b]`` (for LoRA ``W + Σ scale·B A``), detached, ``(d_out, dim)``."""
+        """The weight the layer's forward applies, detached, ``(d_out, dim)``.
+
+        ``[W | b]`` for a linear or Conv1D layer. For a PEFT LoRA layer, ``W`` (no bias column) as
+        its forward computes it: the base weight, in ``(d_out, d_in)`` layout whatever its storage
+        (``fan_in_fan_out``, e.g. a Conv1D base), plus ``scale·B·A`` of each active adapter that is
+        not merged; with the adapters disabled, the base weight less any merged adapter.
+
+        Returns
+        -------
+        torch.Tensor
+            A fresh tensor in the layer's dtype and device.
+        """
         mod: Any = self.module
         with torch.no_grad():
             if self.kind == "lora":
-                base = mod.base_layer
-                W = base.weight.detach().clone()
-                for adapter in mod.lora_A:
+                W = mod.base_layer.weight.detach()
+                # PEFT's fan_in_fan_out: the base stores (d_in, d_out), as a Conv1D does.
+                W = (W.t() if getattr(mod, "fan_in_fan_out", False) else W).clone()
+                merged = [a for a in getattr(mod, "merged_adapters", []) if a in mod.lora_A]
+                if getattr(mod, "disable_adapters", False):
+                    # PEFT's forward unmerges a disabled layer's adapters: it computes W₀.
+                    adapters, sign = merged, -1.0
+                elif merged:
+                    # Merged adapters are inside the base weight already, and PEFT's forward of a
+                    # merged layer is the base layer alone (unmerged active adapters are skipped).
+                    adapters, sign = [], 1.0
+                else:
+                    adapters = [a for a in mod.active_adapters if a in mod.lora_A]
+                    sign = 1.0
+                for adapter in adapters:
                     A = mod.lora_A[adapter].weight
                     B = mod.lora_B[adapter].weight
-                    scale = mod.scaling[adapter]
-                    W = W + scale * (B.to(W.dtype) @ A.to(W.dtype))
+                    scale = sign * mod.scaling[adapter]
+                    W = W + scale * (B.to(W.dtype) @ A.to(W.dtype))  # (d_out, d_in)
                 return W
             _, w, b, transposed = self.gated[0]
             W = (w.t() if transposed else w).detach()
@@ -121,7 +144,8 @@ def _make_target(name: str, module: Any) -> Target:
     if lora is not None and isinstance(module, lora):
         wrapper: Any = module
         base = wrapper.base_layer
-        d_in = int(base.in_features)
+        # PEFT sets in_features on the wrapper for every base it wraps; a Conv1D base has none.
+        d_in = int(wrapper.in_features)
         gated = [
             (f"{name}.lora_A.{a}", wrapper.lora_A[a].weight, None, False) for a in wrapper.lora_A
         ]

@@ -4,6 +4,7 @@ in the r-dimensional pencil, ``lora=dict(...)`` adds the adapters, and a resume 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,3 +298,149 @@ def test_state_dict_resume_is_exact_on_the_lora_path():
         got = run(split)
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- LoRA on GPT-2's Conv1D layers
+@pytest.fixture(scope="module")
+def tiny_gpt2(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    import _tiny_gpt2
+
+    cache = getattr(request.config, "cache", None)
+    root = (
+        Path(cache.mkdir("rqcore_tiny_gpt2"))
+        if cache is not None
+        else tmp_path_factory.mktemp("tiny_gpt2")
+    )
+    return _tiny_gpt2.load_or_train(root)[0]
+
+
+def _penalty_by_hand(W: torch.Tensor, W0: torch.Tensor, C: torch.Tensor) -> tuple[float, float]:
+    D = (W - W0).double()
+    W0 = W0.double()
+    return float(torch.trace(D @ C @ D.T)), float(torch.trace(W0 @ C @ W0.T))
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")  # PEFT fixes it for Conv1D
+def test_lora_on_gpt2_conv1d_trains_and_its_penalty_is_the_merged_weights(tiny_gpt2):
+    model = copy.deepcopy(tiny_gpt2)
+    vocab = model.config.vocab_size
+    calib = _ids(n=3, seed=2, high=vocab)
+    handle = preserve(
+        model,
+        calib,
+        targets="*.c_attn",
+        task_loader=_ids(n=2, seed=3, high=vocab),
+        lora=dict(r=2, target_modules=["c_attn"]),
+        progress=False,
+    )
+    mods = _lora_modules(model)
+    assert [t.name for t in handle.targets] == list(mods) and len(mods) == 2
+    n_embd = model.config.n_embd
+    for t in handle.targets:
+        assert t.kind == "lora" and t.d_in == n_embd and t.dim == n_embd
+        assert mods[t.name].fan_in_fan_out  # Conv1D stores (d_in, d_out)
+    W0 = {n: m.base_layer.weight.detach().T.clone() for n, m in mods.items()}  # (d_out, d_in)
+    opt = handle.optimizer(torch.optim.AdamW, lr=1e-2)
+    for batch in _ids(n=2, seed=4, high=vocab):
+        opt.zero_grad()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        opt.step()
+    assert all(torch.count_nonzero(m.lora_B["default"].weight) > 0 for m in mods.values())
+    pen = handle.penalty()
+    assert pen.total > 0
+    num_total = den_total = 0.0
+    for name, mod in mods.items():
+        mod.merge()  # PEFT's own ΔW, in the base's (d_in, d_out) layout
+        C = handle.statistics.covariance(name).double()
+        num, den = _penalty_by_hand(mod.base_layer.weight.detach().T, W0[name], C)
+        assert pen.per_layer[name] == pytest.approx(num / den, rel=1e-6)
+        num_total, den_total = num_total + num, den_total + den
+    assert pen.total == pytest.approx(num_total / den_total, rel=1e-6)
+    assert handle.penalty().total == pytest.approx(pen.total, rel=1e-6)  # merged: not twice
+    handle.remove()
+
+
+def test_resolve_targets_on_a_peft_gpt2_model():
+    from rqcore_torch.targets import resolve_targets
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50, n_layer=1, n_embd=16, n_head=2, n_positions=32)
+    lora = peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    model = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), lora)
+    (target,) = resolve_targets(model)
+    assert target.name.endswith("h.0.attn.c_attn") and target.kind == "lora"
+    assert target.d_in == 16
+    assert target.effective_weight().shape == (48, 16)  # (d_out, d_in), whatever the storage
+
+
+# ---------------------------------------------------------- the penalty meter follows PEFT's state
+def test_penalty_of_merged_and_disabled_adapters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+    handle = preserve(
+        model,
+        [torch.randn(32, 6)],
+        targets="0",
+        method="none",
+        lora=dict(r=2, target_modules=["0"]),
+        progress=False,
+    )
+    lora = model[0]
+    W0 = lora.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        lora.lora_B["default"].weight.normal_()  # a trained adapter
+    C = handle.statistics.covariance("0").double()
+    num, den = _penalty_by_hand(W0 + lora.get_delta_weight("default").detach(), W0, C)
+    active = handle.penalty().total
+    assert active == pytest.approx(num / den, rel=1e-6) and active > 0
+    lora.merge()
+    assert handle.penalty().total == pytest.approx(active, rel=1e-6)  # ΔW counted once
+    lora.enable_adapters(False)  # disabled while merged: PEFT's forward unmerges, back to W₀
+    assert handle.penalty().total == pytest.approx(0.0, abs=1e-10)
+    lora.unmerge()
+    assert handle.penalty().total == pytest.approx(0.0, abs=1e-10)  # disabled: W₀
+    lora.enable_adapters(True)
+    assert handle.penalty().total == pytest.approx(active, rel=1e-6)
+    handle.remove()
+
+
+# ------------------------------------------------------------ lora= wraps exactly the named layers
+def test_lora_default_target_modules_match_full_names_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 2))
+    handle = preserve(model, [torch.randn(16, 4)], targets=["1"], lora=dict(r=2), progress=False)
+    assert list(_lora_modules(model)) == ["1"]  # not "0.1", whose name ends in "1"
+    assert [t.name for t in handle.targets] == ["1"]
+    handle.remove()
+    # a non-Linear module whose name ends like a target is not picked up either
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2))
+    handle = preserve(model, [torch.randn(16, 4)], targets=["1"], lora=dict(r=2), progress=False)
+    assert list(_lora_modules(model)) == ["1"]
+    handle.remove()
+
+
+# ---------------------------------------------------------------------------- task_loader=mix(...)
+def test_task_loader_accepts_a_mix():
+    from rqcore_torch import calibrate, mix
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(16, 6, generator=g)]
+    first = [torch.randn(8, 6, generator=g) for _ in range(3)]  # more tokens than the second
+    second = [3 * torch.randn(8, 6, generator=g)]
+    handle = preserve(
+        model,
+        calib,
+        task_loader=mix(first, second, weights=[1, 3]),
+        method="gate",
+        progress=False,
+    )
+    task = handle.task_statistics
+    assert task is not None and task.mixed
+    for name in ("0", "2"):
+        assert task.layers[name].group == handle.statistics.layers[name].group
+        parts = [calibrate(model, src, targets=name, progress=False) for src in (first, second)]
+        expected = 0.25 * parts[0].covariance(name) + 0.75 * parts[1].covariance(name)
+        torch.testing.assert_close(task.covariance(name), expected, rtol=1e-10, atol=1e-12)
+    handle.remove()
