@@ -199,3 +199,12 @@ def test_ratio_monotone_near_overflow():
 def test_non_numeric_parameters_raise_type_errors(call, match):
     with pytest.raises(TypeError, match=match):
         call()
+
+
+def test_hard_breaks_ties_by_index_for_long_inputs():
+    # NumPy's default sort is stable only for short arrays: ties must go to the lowest indices.
+    lam = np.random.default_rng(0).permutation(np.r_[np.full(50, 1.0), np.full(50, 2.0)])
+    g = gates.hard(lam, 60)
+    assert np.all(g[lam == 2.0] == 1.0)
+    ones = np.flatnonzero(lam == 1.0)
+    np.testing.assert_array_equal(g[ones], np.r_[np.ones(10), np.zeros(40)])

@@ -1058,3 +1058,49 @@ def test_pair_residuals_multiplies_a_singular_b_without_factoring_it():
 def test_pencil_reg_must_be_a_number(reg):
     with pytest.raises(TypeError, match="reg must be a real number"):
         Pencil(np.eye(3), reg=reg)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "lobpcg"])
+def test_converged_is_false_when_only_some_pairs_converge(method):
+    A, B = power_law_pencil(300, alpha=0.3, seed=13)
+    with pytest.warns(ConvergenceWarning, match="of 8 pairs converged"):
+        res = generalized_topk(A, B, 8, reg=1e-3, method=method, maxiter=20, seed=0)
+    assert 0 < int(np.sum(res.residuals <= 1e-10)) < 8  # the setup is really partial
+    assert res.converged is False
+
+
+def test_warm_start_from_a_result_of_another_pencil_maps_its_vectors_again():
+    # The result's reduced coordinates Lᵀv belong to its own factor: with another B they are wrong
+    # coordinates (a correct but slow solve), so the vectors must be mapped through the new factor.
+    A, B = power_law_pencil(600, seed=42)
+    cold = generalized_topk(A, B, 40, reg=1e-3, seed=0)
+    _, B2 = power_law_pencil(600, seed=99)
+    P2 = Pencil(B2, reg=1e-3)
+    A2 = _perturbed(A, 43)
+    calls = []
+    original = P2.upper_matmul
+    P2.upper_matmul = lambda X: calls.append(1) or original(X)
+    try:
+        warm = generalized_topk(A2, P2, 40, v0=cold, seed=0)
+    finally:
+        del P2.upper_matmul
+    assert calls
+    from_vectors = generalized_topk(A2, P2, 40, v0=cold.vectors, seed=0)
+    assert warm.iterations <= from_vectors.iterations
+
+
+def test_lobpcg_uses_a_preconditioner_that_is_not_m_inverse():
+    # M⁻¹ = (B + εI)⁻¹ is the identity in reduced coordinates: only another preconditioner shows
+    # whether M= is applied at all. A shift-and-invert-like one makes the smallest pairs fast.
+    A, B = power_law_pencil(300, seed=3)
+    Mreg = reg_M(B, 1e-3)
+    K = np.linalg.inv(A + 1e-3 * np.trace(A) / 300 * Mreg)
+    calls = []
+
+    def precond(X):
+        calls.append(1)
+        return K @ X
+
+    res = generalized_topk(A, B, 4, reg=1e-3, method="lobpcg", largest=False, M=precond, seed=0)
+    assert calls and res.converged and res.iterations <= 20
+    check_result(res, A, Mreg, 4, False)

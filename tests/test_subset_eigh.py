@@ -147,3 +147,16 @@ def test_subset_eigh_split_tridiagonal(largest):
     for H in (diagonal, blocks):
         vals, S = subset_eigh(H, 10, largest)
         _check(H, 10, largest, vals, S, 1e-13, 1e-12)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_bisection_fallback_orders_the_values_of_a_split_matrix(monkeypatch, largest):
+    """Two diagonal blocks with interleaved spectra: the tridiagonal splits, and the fallback's
+    per-block values must be merged in order (not returned block by block)."""
+    monkeypatch.setattr(_subset_eigh, "_mrrr", lambda *args: None)
+    H = scipy.linalg.block_diag(
+        _symmetric(30, np.linspace(0.0, 3.0, 30), seed=1),
+        _symmetric(30, np.linspace(0.05, 3.05, 30), seed=2),
+    )
+    vals, S = subset_eigh(H, 10, largest)
+    _check(H, 10, largest, vals, S, 1e-13, 1e-12)

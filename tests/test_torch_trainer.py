@@ -88,7 +88,11 @@ def _worker(rank: int, world: int, init: str, shards, out_dir: str) -> None:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 3))
         stats = calibrate(model, shards[rank], progress=False)
-        torch.save(stats.covariance("0"), os.path.join(out_dir, f"c{rank}.pt"))
+        state = {k: torch.as_tensor(v) for k, v in stats.groups["0"].state_dict().items()}
+        torch.save(
+            {"cov": stats.covariance("0"), "counts": (stats.batches, stats.tokens), "state": state},
+            os.path.join(out_dir, f"c{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -97,12 +101,18 @@ def test_distributed_statistics_equal_single_pass(tmp_path):
     shards = [[torch.randn(5, 4)], [torch.randn(7, 4) + 1.0]]
     init = f"file://{tmp_path / 'rdzv'}"
     mp.spawn(_worker, args=(2, init, shards, str(tmp_path)), nprocs=2, join=True)
-    c0, c1 = (torch.load(tmp_path / f"c{r}.pt") for r in range(2))
+    r0, r1 = (torch.load(tmp_path / f"c{r}.pt") for r in range(2))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
-    single = calibrate(model, shards[0] + shards[1], progress=False).covariance("0")
-    torch.testing.assert_close(c0, c1, rtol=0, atol=0)
-    torch.testing.assert_close(c0, single)
+    single = calibrate(model, shards[0] + shards[1], progress=False)
+    torch.testing.assert_close(r0["cov"], r1["cov"], rtol=0, atol=0)
+    torch.testing.assert_close(r0["cov"], single.covariance("0"))
+    # Every total is reduced, not only the covariance: counts, and the moments that Ledoit–Wolf
+    # and a saved file read (sum, third, fourth).
+    assert r0["counts"] == r1["counts"] == (single.batches, single.tokens) == (2, 12)
+    for key, value in single.groups["0"].state_dict().items():
+        for r in (r0, r1):
+            torch.testing.assert_close(r["state"][key], torch.as_tensor(value), msg=key)
 
 
 def _mismatch_worker(rank: int, world: int, init: str, out_dir: str, case: str) -> None:
