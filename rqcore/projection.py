@@ -910,6 +910,8 @@ class RayleighBasis:
                 f"overflow G's dtype {G2.dtype}; pass float64 G or smaller gains."
             )
         result = _spectral_gate(G2, Vc, MVc, scale, gperp, out2)
+        if out is not None:
+            return out  # the caller's array itself (``res is out``), 1-D or not
         return result[0] if was_1d else result
 
     def apply(self, G: ArrayLike, out: FloatArray | None = None) -> FloatArray:
@@ -1339,6 +1341,8 @@ class NullspaceProjector:
             # The gate with V = MV = U (M = I), gains 0 and complement 1.
             scale = np.zeros(self.rank, dtype=G2.dtype)
             result = _spectral_gate(G2, U, U, scale - 1.0, 1.0, out2)
+        if out is not None:
+            return out  # the caller's array itself (``res is out``), 1-D or not
         return result[0] if was_1d else result
 
     def penalty(self, G: ArrayLike) -> QuadraticForm:

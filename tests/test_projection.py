@@ -526,3 +526,18 @@ def test_complement_must_be_a_number(complement):
         basis.configure(complement=complement)
     with pytest.raises(TypeError, match="complement must be a real number"):
         basis.gate(np.ones(2), 1.0, complement=complement)
+
+
+def test_out_is_returned_itself_for_one_row():
+    basis = RayleighBasis.from_pencil(np.diag([3.0, 2.0, 1.0]), None, k=2)
+    proj = NullspaceProjector(np.diag([3.0, 2.0, 1e-9]), energy=0.9)
+    G = np.array([1.0, 2.0, 3.0])
+    for call in (
+        lambda out: basis.gate(G, [0.5, 1.0], out=out),
+        lambda out: basis.apply(G, out=out),
+        lambda out: proj.apply(G, out=out),
+    ):
+        out = np.empty(3)
+        res = call(out)
+        assert res is out
+        np.testing.assert_array_equal(res, call(None))
