@@ -32,10 +32,7 @@ def _method_defaults(method: str) -> dict[str, float]:
 
 
 def _check_fraction(value: Any, name: str, *, closed_low: bool = False) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}.") from None
+    x = _real(value, name)
     low_ok = x >= 0 if closed_low else x > 0
     if not (math.isfinite(x) and low_ok and x <= 1):
         raise ValueError(f"{name} must lie in (0, 1], got {value!r}; e.g. {name}=0.25.")
@@ -45,9 +42,21 @@ def _check_fraction(value: Any, name: str, *, closed_low: bool = False) -> float
 def _check_optional_positive_int(value: Any, name: str, hint: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive integer or None, got {value!r}; {hint}")
+    if value < 1:
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}; {hint}")
     return int(value)
+
+
+def _real(value: Any, name: str) -> float:
+    """``value`` as a float, or a TypeError naming the field (strings and bools are not numbers)."""
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}.")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}.") from None
 
 
 @dataclass
@@ -137,6 +146,8 @@ class PreserveConfig:
     ValueError
         On an unknown method or gate, out-of-range numbers, or ``gate="hard"`` without
         ``gate_options={"rank": r}``; the message names the remedy.
+    TypeError
+        On a value of the wrong type (a string or bool for a number, a float for an integer).
 
     Examples
     --------
@@ -186,7 +197,7 @@ class PreserveConfig:
             if self.tau != "auto":
                 raise ValueError(f"tau must be 'auto' or a positive float, got {self.tau!r}.")
         else:
-            t = float(self.tau)
+            t = _real(self.tau, "tau")
             if not (math.isfinite(t) and t > 0):
                 raise ValueError(f"tau must be 'auto' or a finite float > 0, got {self.tau!r}.")
             self.tau = t
@@ -195,7 +206,7 @@ class PreserveConfig:
             self.tau_fraction = defaults["tau_fraction"]
         if self.reg is None:
             self.reg = defaults["reg"]
-        p = float(self.tau_fraction)
+        p = _real(self.tau_fraction, "tau_fraction")
         if not (math.isfinite(p) and 0 < p < 1):
             raise ValueError(
                 f"tau_fraction must lie strictly in (0, 1), got {self.tau_fraction!r}."
@@ -209,11 +220,11 @@ class PreserveConfig:
         self.rank = _check_optional_positive_int(
             self.rank, "rank", "pass rank=None for the full basis."
         )
-        c = float(self.complement)
+        c = _real(self.complement, "complement")
         if not math.isfinite(c) or c < 0:
             raise ValueError(f"complement must be a finite gain >= 0, got {self.complement!r}.")
         self.complement = c
-        r = float(self.reg)
+        r = _real(self.reg, "reg")
         if not math.isfinite(r) or r < 0:
             raise ValueError(f"reg must be a finite number >= 0 (e.g. 1e-4), got {self.reg!r}.")
         self.reg = r
@@ -244,9 +255,9 @@ class PreserveConfig:
         )
         self.token_fraction = _check_fraction(self.token_fraction, "token_fraction")
         if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+            isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
         ):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}.")
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}.")
 
         if self.lora_init not in LORA_INITS:
             raise ValueError(

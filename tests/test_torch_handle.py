@@ -172,3 +172,22 @@ def test_cuda_gate_matches_cpu():
     h_cpu = preserve(model, calib, method="gate", progress=False)
     h_gpu = preserve(model.cuda(), calib, method="gate", progress=False)
     np.testing.assert_allclose(h_gpu.projector("0").values, h_cpu.projector("0").values, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"complement": "x"},
+        {"reg": "1e-3"},
+        {"tau": True},
+        {"tau_fraction": "0.5"},
+        {"energy": "0.9"},
+        {"rank": 2.0},
+        {"refresh_every": "10"},
+        {"seed": 1.5},
+    ],
+)
+def test_config_wrong_types_are_type_errors_naming_the_field(kwargs):
+    (name,) = kwargs
+    with pytest.raises(TypeError, match=name):
+        PreserveConfig(**kwargs)
