@@ -447,7 +447,9 @@ class _InputCollector:
                 return
             self._consume(target, x)
 
-        return hook
+        # Under torch.compile, Dynamo would trace this hook (and the accumulator's NumPy/BLAS calls
+        # behind it) into the compiled graph and fail; run it eagerly, as a graph break.
+        return torch.compiler.disable(hook)
 
     def _key(self, x: torch.Tensor, target: Target) -> tuple[Any, ...]:
         # The version counter tells an input changed in place between two layers (y = a(x);
@@ -478,7 +480,10 @@ class _InputCollector:
         if self.share_inputs and self._match(key, group):
             return  # the same tensor already went into this group's accumulator
         self._consumed.setdefault(group, []).append((key, weakref.ref(x)))
-        rows = self._rows(target, x)
+        # Statistics never take part in backprop: during online tracking x comes from a training
+        # forward and requires grad. The weak reference above stays on x itself (a detached alias
+        # would die at once and break input sharing); only the rows are detached.
+        rows = self._rows(target, x.detach())
         if self._forward_tokens < 0:
             self._forward_tokens = rows.shape[0]
         if self.token_fraction < 1.0 and rows.shape[0] > 0:

@@ -85,7 +85,9 @@ class PreserveConfig:
         a stronger gate), 0.9 for ``"gate"``.
     gate_options : mapping, optional
         Extra keyword arguments of the gate function: ``{"rank": r}`` for ``"hard"`` (required),
-        ``{"temperature": t}`` for ``"sigmoid"``, ``{"alpha": a}`` for ``"power"``.
+        ``{"temperature": t}`` for ``"sigmoid"`` (default 0.5; ``t = 1`` is the ``"ratio"`` gain),
+        ``{"alpha": a}`` for ``"power"`` (default 1). An option the gate does not take raises
+        ValueError.
     complement : float, default 0.0
         Gain of the complement of the kept ``rank`` directions (irrelevant for a full basis).
     reg : float, optional

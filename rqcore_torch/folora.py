@@ -47,6 +47,16 @@ AUTO_TAU_RULE = "utility"
 #: Utility fraction ``p`` of the "utility"/"auto" rule when ``tau_param`` is not given (ablation's winner).
 AUTO_UTILITY_FRACTION = 0.3
 REFRESH_POLICIES = ("transport", "reset", "keep")
+#: Default temperature ``T`` of ``gate="sigmoid"`` (``σ(log(λ/τ)/T)``) in the bridge, for FoLoRA and
+#: ``method="gate"`` alike: the setting of the ablation (docs/folora.md). ``T = 1`` (the default of
+#: :func:`rqcore.gates.sigmoid`) would make it the ``"ratio"`` gain; pass ``{"temperature": t}``.
+SIGMOID_TEMPERATURE = 0.5
+#: Options each named gate takes (``gate_options`` of :class:`~rqcore_torch.PreserveConfig`).
+GATE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "hard": ("rank",),
+    "sigmoid": ("temperature",),
+    "power": ("alpha",),
+}
 
 
 # ----------------------------------------------------------------------------------------- layers
@@ -130,7 +140,8 @@ class SpectralLayer:
         dtype = weight.dtype if dtype is None else dtype
 
         def conv(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
+            # A copy: the basis's arrays may be read-only, which a tensor sharing them cannot be.
+            return torch.as_tensor(np.array(a, order="C", copy=True), dtype=dtype, device=device)
 
         if basis.B is not None:
             scale = math.sqrt(max(float(np.trace(basis.B)) / basis.dim + basis.reg_used, 1e-30))
@@ -239,7 +250,8 @@ def lora_init_from_basis(
     (r, d) Tensor
     """
     if isinstance(basis, RayleighBasis):
-        V = torch.as_tensor(np.asarray(basis.vectors), dtype=torch.float64)
+        # A copy: the basis's arrays may be read-only, which a tensor sharing them cannot be.
+        V = torch.as_tensor(np.array(basis.vectors, dtype=np.float64))
     elif isinstance(basis, SpectralLayer):
         V = basis.vectors.detach().to(torch.float64, copy=True).cpu()
     else:
@@ -347,15 +359,68 @@ def resolve_tau(values: np.ndarray, rule: TauSpec, param: float | None = None) -
     raise ValueError(f"unknown tau rule {rule!r}; expected a number or one of {TAU_RULES}.")
 
 
+def _check_gate_options(gate: GateSpec, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` as a dict, after checking that ``gate`` takes each of them.
+
+    Raises
+    ------
+    ValueError
+        Naming the options ``gate`` does not take (a callable takes none): an option silently
+        ignored would gate with other gains than the ones asked for.
+    """
+    opts = dict(options or {})
+    allowed = () if callable(gate) else GATE_OPTIONS.get(str(gate), ())
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        name = "a callable gate" if callable(gate) else f"gate {gate!r}"
+        takes = f"only {list(allowed)}" if allowed else "none"
+        raise ValueError(
+            f"gate_options {unknown} are not supported by {name} (it takes {takes}); drop them."
+        )
+    return opts
+
+
 def resolve_gains(
-    values: np.ndarray, gate: GateSpec, tau: float, rank: int | None = None
+    values: np.ndarray,
+    gate: GateSpec,
+    tau: float,
+    rank: int | None = None,
+    *,
+    options: Mapping[str, Any] | None = None,
 ) -> np.ndarray:
     """Gains ``g_j`` of the spectral directions for a gate name (or callable) and a resolved ``τ``.
 
-    ``"ratio"``: ``λ/(λ+τ)``; ``"threshold"``: ``1[λ ≥ τ]``; ``"sigmoid"``: ``σ(log(λ/τ)/0.5)``;
-    ``"hard"``: 1 for the top ``rank`` (default: ``λ ≥ τ``), else 0; ``"power"``: ``(λ/λ_max)``;
-    ``"none"``: all 1 (plain Adam in spectral coordinates); a callable gets the values.
+    The one gate dispatcher of the bridge: :class:`FoLoRAAdam` and the bases of
+    :class:`~rqcore_torch.PreservationHandle` both compute their gains here, so they agree.
+
+    Parameters
+    ----------
+    values : (k,) array
+        Generalized eigenvalues ``λ``.
+    gate : str or callable
+        ``"ratio"``: ``λ/(λ+τ)``; ``"threshold"``: ``1[λ ≥ τ]``; ``"sigmoid"``: ``σ(log(λ/τ)/T)``
+        with ``T = options["temperature"]`` (default :data:`SIGMOID_TEMPERATURE` = 0.5); ``"hard"``:
+        1 for the top ``rank`` (``options["rank"]``, else ``rank``, else the count of ``λ ≥ τ``), else
+        0; ``"power"``: ``(λ/λ_max)^α`` with ``α = options["alpha"]`` (default 1); ``"none"``: all 1
+        (plain Adam in spectral coordinates); a callable gets the values.
+    tau : float
+        The resolved ``τ`` (unused by ``"power"``, ``"none"``, callables and a ranked ``"hard"``).
+    rank : int, optional
+        Directions passed by ``"hard"`` when ``options`` has no ``"rank"``.
+    options : mapping, optional
+        Per-gate options, see :data:`GATE_OPTIONS` (``gate_options`` of the configuration).
+
+    Returns
+    -------
+    (k,) ndarray of float64
+
+    Raises
+    ------
+    ValueError
+        On an unknown gate, options the gate does not take, or gains that are not finite with one
+        value per eigenvalue.
     """
+    opts = _check_gate_options(gate, options)
     lam = np.asarray(values, dtype=np.float64)
     if callable(gate):
         g = np.asarray(gate(lam), dtype=np.float64)
@@ -364,12 +429,13 @@ def resolve_gains(
     elif gate == "threshold":
         g = gates.threshold(lam, max(tau, 1e-300))
     elif gate == "sigmoid":
-        g = gates.sigmoid(lam, max(tau, 1e-300), 0.5)
+        g = gates.sigmoid(lam, max(tau, 1e-300), opts.get("temperature", SIGMOID_TEMPERATURE))
     elif gate == "hard":
+        rank = opts.get("rank", rank)
         r = int(np.sum(lam >= tau)) if rank is None else int(rank)
         g = gates.hard(lam, min(max(r, 0), lam.size))
     elif gate == "power":
-        g = gates.power(lam, 1.0)
+        g = gates.power(lam, opts.get("alpha", 1.0))
     elif gate == "none":
         g = np.ones_like(lam)
     else:
@@ -395,6 +461,10 @@ class FoLoRAAdam(torch.optim.Optimizer):
         ``lr`` is in weight units for the gated layers too (see ``SpectralLayer.scale``).
     gate : str or callable, default "ratio"
         Gain function of the eigenvalues (:func:`resolve_gains`).
+    gate_options : mapping, optional
+        Options of ``gate`` (:data:`GATE_OPTIONS`): ``{"temperature": t}`` for ``"sigmoid"`` (default
+        :data:`SIGMOID_TEMPERATURE`), ``{"alpha": a}`` for ``"power"``, ``{"rank": r}`` for ``"hard"``
+        (overrides ``rank``). Options the gate does not take raise ValueError.
     tau : float or str, default "auto"
         ``τ`` of the gate: a number, or a rule ``"auto"`` (= ``AUTO_TAU_RULE``), ``"median"``,
         ``"mean"``, ``"utility"`` (utility fraction ``tau_param``, default 0.3), ``"budget"`` (the gated
@@ -457,6 +527,7 @@ class FoLoRAAdam(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         gate: GateSpec = "ratio",
+        gate_options: Mapping[str, Any] | None = None,
         tau: TauSpec = "auto",
         tau_param: float | None = None,
         tau_scope: str = "layer",
@@ -498,6 +569,8 @@ class FoLoRAAdam(torch.optim.Optimizer):
             groups.append({"params": others, "layer": None})
         super().__init__(groups, defaults)
         self.gate = gate
+        # Checked now: with tau="budget" the gains are first resolved at the first step.
+        self.gate_options = _check_gate_options(gate, gate_options)
         self.tau = tau
         self.tau_param = tau_param
         self.tau_scope = tau_scope
@@ -617,7 +690,13 @@ class FoLoRAAdam(torch.optim.Optimizer):
 
     def _set_gains(self, name: str, tau: float) -> None:
         st = self._lstate(name)
-        g = resolve_gains(st["values"].to(torch.float64).cpu().numpy(), self.gate, tau, self.rank)
+        g = resolve_gains(
+            st["values"].to(torch.float64).cpu().numpy(),
+            self.gate,
+            tau,
+            self.rank,
+            options=self.gate_options,
+        )
         gains = torch.as_tensor(g, dtype=st["values"].dtype, device=st["values"].device)
         if not bool(torch.isfinite(gains).all()):  # once per solve: a host sync here is fine
             raise ValueError(

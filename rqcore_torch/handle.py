@@ -100,25 +100,32 @@ class Report(list[LayerReport]):
 
 
 def _gain_rule(config: PreserveConfig) -> Callable[[np.ndarray], Any]:
-    """Gains as a function of the eigenvalues (re-evaluated at every refresh)."""
-    if callable(config.gate):
-        return config.gate
-    name = str(config.gate)
-    fn = getattr(gates, name)
-    opts = dict(config.gate_options)
-    if name in ("ratio", "threshold", "sigmoid"):
+    """Gains as a function of the eigenvalues (re-evaluated at every refresh).
 
-        def rule(lam: np.ndarray) -> Any:
+    The gains come from :func:`rqcore_torch.folora.resolve_gains`, the dispatcher
+    :class:`~rqcore_torch.FoLoRAAdam` uses too: the handle's bases (``report``, ``plot``, a wrapped
+    optimizer) and FoLoRA's optimizer apply the same gains, ``gate_options`` (e.g. the sigmoid's
+    ``temperature``, default ``folora.SIGMOID_TEMPERATURE``) included.
+    """
+    from rqcore_torch.folora import resolve_gains
+
+    gate, opts = config.gate, dict(config.gate_options)
+    fraction = config.tau_fraction
+    assert fraction is not None  # PreserveConfig.__post_init__ fills it
+    scaled = not callable(gate) and gate in ("ratio", "threshold", "sigmoid")
+
+    def rule(lam: np.ndarray) -> Any:
+        tau = 1.0  # not read by the gates without a scale (hard with a rank, power, callables)
+        if scaled:
             if config.tau == "auto":
                 if not (np.asarray(lam) > 0).any():
                     return np.zeros(len(lam))  # no direction buys any utility
-                tau = gates.tau_for_utility_fraction(lam, float(config.tau_fraction or 0.9))
+                tau = gates.tau_for_utility_fraction(lam, fraction)
             else:
                 tau = float(config.tau)
-            return fn(lam, tau, **opts)
+        return resolve_gains(lam, gate, tau, options=opts)
 
-        return rule
-    return lambda lam: fn(lam, **opts)
+    return rule
 
 
 def _ratio(num: float, den: float) -> float:
@@ -156,6 +163,10 @@ class PreservationHandle:
         ``[W₀ | b₀]`` snapshots (default: the current weights).
     step : int, default 0
         Optimizer steps already taken (restored by :func:`~rqcore_torch.load`).
+    task_covariances : dict of str to Tensor, optional
+        Per group, the ``C_t`` to solve the first bases with instead of the task statistics (restored
+        by :func:`~rqcore_torch.load`: the ``C_t`` the saved handle's bases were solved with, which
+        may come from an online window reset since). Later refreshes use the task statistics again.
 
     Notes
     -----
@@ -188,6 +199,7 @@ class PreservationHandle:
         task_statistics: CalibrationStatistics | None = None,
         w0: dict[str, torch.Tensor] | None = None,
         step: int = 0,
+        task_covariances: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -211,8 +223,12 @@ class PreservationHandle:
         self._task_cov: dict[str, torch.Tensor] = {}
         # lora_B layer name -> (group, pencil) of the FoLoRAAdam built by optimizer() (method "folora").
         self._lora_pencils: dict[str, tuple[str, LoRAPencil]] = {}
+        # Read by the first solve only: a loaded handle's bases are the saved ones, and its
+        # refreshes then track (and fall back) exactly as the saved handle's would.
+        self._restored_task_cov = dict(task_covariances or {})
         if config.method != "none":
             self._solve_all()
+        self._restored_task_cov = {}
         if config.method == "folora" and config.lora_init == "basis":
             self._init_lora_from_basis()
         if config.method == "gate" and config.refresh_every is not None:
@@ -232,6 +248,9 @@ class PreservationHandle:
         return list(seen)
 
     def _task_covariance(self, group: str, Cp: torch.Tensor) -> torch.Tensor:
+        restored = self._restored_task_cov.get(group)
+        if restored is not None:
+            return restored.to(device=Cp.device, dtype=torch.float64)
         for stats in (self._online_stats, self.task_statistics):
             if stats is not None and group in stats.groups:
                 acc = stats.groups[group]
@@ -253,22 +272,25 @@ class PreservationHandle:
         if cfg.lora_b == "pencil" and any(t.kind == "lora" for t in self.targets):
             self._task_cov[group] = Ct  # lora_B pencils re-solve with it (one d×d per group)
         rule = _gain_rule(cfg)
+        reg = cfg.reg
+        assert reg is not None  # PreserveConfig.__post_init__ fills it
         if Cp.device.type == "cuda":
-            # Dense solve on the device; the core basis is built from host copies.
-            values, vectors, reg_used = dense_generalized_topk(Ct, Cp, k, reg=cfg.reg or 0.0)
+            # Dense solve on the device; the core basis is built from host copies (detached: a
+            # NumPy view of a tensor that requires grad raises).
+            values, vectors, reg_used = dense_generalized_topk(Ct, Cp, k, reg=reg)
             basis = RayleighBasis(
-                values.cpu().numpy(),
-                vectors.cpu().numpy(),
+                values.detach().cpu().numpy(),
+                vectors.detach().cpu().numpy(),
                 B=Cp_np,
                 reg_used=float(reg_used),
-                A=Ct.cpu().numpy(),
+                A=Ct.detach().cpu().numpy(),
                 gains=rule,
                 complement=cfg.complement,
             )
         else:
             pencil = self._pencils.get(group)
             if pencil is None:  # factor C_p once per group; refreshes reuse it
-                pencil = self._pencils[group] = Pencil(Cp_np, reg=cfg.reg or 0.0)
+                pencil = self._pencils[group] = Pencil(Cp_np, reg=reg)
             prev = self._projectors.get(group)
             last = self._results.get(group)
             v0: Any = None
@@ -369,7 +391,9 @@ class PreservationHandle:
                 ok = isinstance(mask, torch.Tensor) and mask.ndim == 2
                 collector.begin_batch(mask.bool() if ok else None, self.step)  # type: ignore[union-attr]
 
-        self._hooks.append(self.model.register_forward_pre_hook(root_hook, with_kwargs=True))
+        # Run eagerly under torch.compile (a graph break), like the collector's layer hooks.
+        hook = torch.compiler.disable(root_hook)
+        self._hooks.append(self.model.register_forward_pre_hook(hook, with_kwargs=True))
 
     # ------------------------------------------------------------------ optimizer side
     def _gate_for(self, group: str, device: torch.device, dtype: torch.dtype) -> TorchGate:
@@ -490,10 +514,10 @@ class PreservationHandle:
             ones = torch.ones(r, dtype=B.dtype, device=B.device)
             layer = SpectralLayer(f"{t.name}.lora_B.{adapter}", B, None, ones, eye, eye, scale=1.0)
             # ε of the layer's own metric M = C_p + εI: the r-dim metric is L_A M L_Aᵀ exactly.
-            eps = float(self.config.reg or 0.0) * float(torch.trace(Cp)) / Cp.shape[0]
-            pencil = LoRAPencil(
-                A, Ct, Cp, reg=float(self.config.reg or 0.0), eps=eps, tau=self._layer_tau(group)
-            )
+            reg = self.config.reg
+            assert reg is not None  # PreserveConfig.__post_init__ fills it
+            eps = reg * float(torch.trace(Cp)) / Cp.shape[0]
+            pencil = LoRAPencil(A, Ct, Cp, reg=reg, eps=eps, tau=self._layer_tau(group))
             out.append((layer, group, pencil))
         return out
 
@@ -547,6 +571,8 @@ class PreservationHandle:
 
     def _on_folora_step(self, optimizer: FoLoRAAdam) -> None:
         self.step += 1
+        if self._removed:  # see _on_step: no refresh from statistics nothing tracks any more
+            return
         if self._refresh_due():
             self.refresh()
             for layer in self.spectral_layers():  # moments are transported by set_basis
@@ -605,12 +631,6 @@ class PreservationHandle:
             opts.pop(k, None)  # implementation switches of torch's Adam: no meaning here
         if opts:
             raise TypeError(f'unexpected optimizer arguments for method="folora": {sorted(opts)}.')
-        unsupported = sorted(set(self.config.gate_options) - {"rank"})
-        if unsupported:  # FoLoRAAdam's gain functions take only a rank; say so rather than ignore
-            raise ValueError(
-                f'gate_options {unsupported} are not supported with method="folora" (only "rank"); '
-                'drop them, or use method="gate" for the full gain-function options.'
-            )
         lr = hyper["lr"]
         cfg = self.config
         layers = self.spectral_layers()
@@ -632,7 +652,7 @@ class PreservationHandle:
             # "auto" is the utility-fraction rule with the config's fraction (0.3 by default).
             tau="utility" if cfg.tau == "auto" else float(cfg.tau),
             tau_param=cfg.tau_fraction,
-            rank=cfg.gate_options.get("rank"),
+            gate_options=cfg.gate_options,  # the handle's bases use the same options (_gain_rule)
             complement=cfg.complement,
             lora_pencils={name: pencil for name, (_, pencil) in self._lora_pencils.items()},
             refresh_every=cfg.lora_refresh_every or 0,
@@ -746,6 +766,10 @@ class PreservationHandle:
 
     def _on_step(self, optimizer: Any) -> None:
         self.step += 1
+        # A removed handle tracks nothing any more: a refresh would re-solve from stale (or, once
+        # reset, placeholder) task statistics and change the gates of an optimizer left running.
+        if self._removed:
+            return
         if self.config.method in ("gate", "folora") and self._refresh_due():
             self.refresh()
             optimizer.set_layers(self.layer_gates())
@@ -935,7 +959,8 @@ class PreservationHandle:
     def remove(self) -> None:
         """Detach every hook this handle attached.
 
-        The model then runs as without ``preserve()``, with its parameters as trained. Adapters that
+        The model then runs as without ``preserve()``, with its parameters as trained. An optimizer
+        the handle built or wrapped keeps its current gates but no longer refreshes them. Adapters that
         ``preserve(..., lora=...)`` added stay in the model, because they hold the finetuning: merge or
         unload them with PEFT (e.g. ``peft.tuners.lora`` layers' ``merge()``), or save them first.
         """

@@ -1,7 +1,8 @@
 """Saving and loading a :class:`~rqcore_torch.PreservationHandle` without pickle.
 
-One safetensors file holds the tensors (calibration and task statistics, the task statistics tracked
-online during FoLoRA's warm-up, ``W₀`` snapshots) and a JSON
+One safetensors file holds the tensors (calibration statistics, the task statistics of a pre-pass,
+the ``C_t`` each group's current basis was solved with, the window of task statistics tracked online
+since the last refresh and the generator of its token subsample, ``W₀`` snapshots) and a JSON
 metadata string (format, version, configuration, layer names, kinds and shapes, step). Loading never
 unpickles code; it checks the schema, then that the model has the same layers with the same shapes, and
 says precisely what does not match.
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rqcore import RayleighBasis
 from rqcore_torch.calibration import CalibrationStatistics, _read_safetensors
 from rqcore_torch.config import PreserveConfig
 from rqcore_torch.targets import Target, resolve_targets
@@ -42,6 +44,9 @@ def _layer_meta(t: Target) -> dict[str, Any]:
 def save_handle(handle: PreservationHandle, path: str | Path) -> None:
     """Write ``handle`` to ``path`` (safetensors; see the module docstring).
 
+    The ``C_t`` of the current bases and the online window are saved apart from the task statistics,
+    so :func:`load` solves the same bases and the loaded handle tracks and refreshes as this one would.
+
     Parameters
     ----------
     handle : PreservationHandle
@@ -53,17 +58,21 @@ def save_handle(handle: PreservationHandle, path: str | Path) -> None:
     stats_t, stats_meta = handle.statistics.state_dict()
     tensors.update({f"stats/{k}": v for k, v in stats_t.items()})
     task_meta = online_meta = None
-    warmup = handle._warmup_pending
-    if warmup:
-        # FoLoRA's warm-up: C_t is still being tracked online. Saved apart from task statistics, so
-        # that the loaded handle keeps tracking and refreshes at the end of the warm-up.
-        task = handle.task_statistics
-        online = handle._online_stats
-        if online is not None and online.groups:
-            online_t, online_meta = online.state_dict()
-            tensors.update({f"online/{k}": v for k, v in online_t.items()})
-    else:
-        task = handle._online_stats if handle._online_stats is not None else handle.task_statistics
+    # Three things, each restored to its place. The task statistics of a pre-pass (what a refresh
+    # falls back to for a group the online window missed). The C_t each basis was solved with: after
+    # a refresh (FoLoRA's warm-up included) it came from an online window that was reset since, so
+    # neither of the others holds it. And the online window in progress (mid-warm-up too), so the
+    # next refresh sees the same statistics as without the save.
+    task = handle.task_statistics
+    online = handle._online_stats
+    if online is not None and online.groups:
+        online_t, online_meta = online.state_dict()
+        tensors.update({f"online/{k}": v for k, v in online_t.items()})
+    if handle._online is not None:  # the token subsample's draws continue after a load
+        tensors["online_generator"] = handle._online.generator.get_state()
+    for group, proj in handle._projectors.items():
+        if isinstance(proj, RayleighBasis) and isinstance(proj.A, np.ndarray):
+            tensors[f"solved/{group}"] = torch.from_numpy(np.array(proj.A, dtype=np.float64))
     if task is not None and task.groups:
         task_t, task_meta = task.state_dict()
         tensors.update({f"task/{k}": v for k, v in task_t.items()})
@@ -113,7 +122,9 @@ def load(path: str | Path, model: nn.Module, **overrides: Any) -> PreservationHa
     Returns
     -------
     PreservationHandle
-        With the saved statistics, ``W₀`` snapshots and step count (bases re-solved).
+        With the saved statistics, ``W₀`` snapshots and step count; its bases are re-solved from the
+        ``C_t`` the saved bases were solved with (the same bases), and online tracking resumes from
+        the saved window.
 
     Raises
     ------
@@ -185,11 +196,23 @@ def load(path: str | Path, model: nn.Module, **overrides: Any) -> PreservationHa
             if t.name not in w0_t:
                 raise ValueError(f"{path}: the W₀ snapshot of {t.name!r} is missing.")
             w0[t.name] = w0_t[t.name].to(t.gated[0][1].device)
+    # Files written before the C_t of the bases was saved have no "solved/" section: their bases are
+    # re-solved from the task statistics, as before.
+    solved = section("solved/")
     handle = PreservationHandle(
-        model, config, targets, stats, task_statistics=task, w0=w0, step=int(meta["step"])
+        model,
+        config,
+        targets,
+        stats,
+        task_statistics=task,
+        w0=w0,
+        step=int(meta["step"]),
+        task_covariances=solved or None,
     )
+    if handle._online is not None and "online_generator" in tensors:
+        handle._online.generator.set_state(tensors["online_generator"])
     if meta.get("online") and handle._online_stats is not None:
-        # Mid-warm-up: continue the online C_t where the saved run left it.
+        # Continue the online C_t (warm-up or refresh window) where the saved run left it.
         online = CalibrationStatistics.from_state_dict(section("online/"), meta["online"])
         handle._load_online_state(
             {

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from rqcore import StreamingCovariance
-from rqcore.covariance import _chan_moments
+from rqcore.covariance import _chan_moments, _finite_or_overflowed
 
 __all__ = ["TorchCovariance"]
 
@@ -190,6 +190,8 @@ class TorchCovariance:
         ----------
         X : Tensor of shape (n, dim)
             float16, bfloat16, float32 or float64 rows on the accumulator's device (any layout).
+            Read detached: rows that require grad (a training forward's activations) leave no
+            autograd graph in the totals.
         weights : Tensor of shape (n,), optional
             Non-negative frequency weights (default: ones). A negative weight is invalid input and
             raises whatever ``check_finite`` says, so checking the sign costs one host synchronization
@@ -221,11 +223,16 @@ class TorchCovariance:
             raise ValueError(f"X must have shape (n, {self._dim}), got {tuple(X.shape)}.")
         if self._device is not None and X.device != self._device:
             raise ValueError(f"X is on {X.device} but the statistics live on {self._device}.")
+        # Statistics are data, not part of a model's computation: rows taken from a training forward
+        # require grad, and totals computed from them would chain every step's autograd graph (and
+        # make state_dict's .numpy() raise). Detaching here keeps the totals grad-free whatever the
+        # caller passes.
+        X = X.detach()
         n = X.shape[0]
         if weights is not None:
             if not isinstance(weights, torch.Tensor) or weights.shape != (n,):
                 raise ValueError(f"weights must be a tensor of shape ({n},).")
-            weights = weights.to(device=X.device, dtype=torch.float64)
+            weights = weights.detach().to(device=X.device, dtype=torch.float64)
             _check_weights(weights, check_finite)
         if n == 0:
             return self
@@ -234,7 +241,13 @@ class TorchCovariance:
         if self._core is not None:
             return self._update_core(X, weights, check_finite)
         batch = self._batch_moments(X, weights)
-        finite = torch.isfinite(batch["fourth"]) & torch.isfinite(batch["sum"]).all()
+        # NaN/Inf in X shows in the scatter's diagonal (Σ w x_j²) and the sums; the fourth moment may
+        # overflow on its own for finite data (entries near 1e77), which only Ledoit–Wolf minds: it
+        # is exported as +inf (state_dict), as the core keeps it.
+        finite = (
+            torch.isfinite(torch.diagonal(batch["scatter"])).all()
+            & torch.isfinite(batch["sum"]).all()
+        )
         if check_finite and not bool(finite):
             bad = ~torch.isfinite(X)
             raise ValueError(
@@ -384,6 +397,10 @@ class TorchCovariance:
             return self._core.state_dict()
         totals = self._get_totals()
         host = {k: v.detach().cpu().numpy() for k, v in totals.items()}
+        # Fourth moments that overflowed are +inf, as in the core (only Ledoit–Wolf reads them).
+        third, fourth = _finite_or_overflowed(
+            host["third"].astype(np.float64), float(host["fourth"])
+        )
         return {
             "format_version": np.array(1, dtype=np.int64),
             "dim": np.array(self._dim, dtype=np.int64),
@@ -392,9 +409,9 @@ class TorchCovariance:
             "count": np.array(host["count"], dtype=np.int64),
             "total_weight": np.array(host["total_weight"], dtype=np.float64),
             "sum": host["sum"].astype(np.float64),
-            "scatter": _symmetric(totals["scatter"]).cpu().numpy(),
-            "third": host["third"].astype(np.float64),
-            "fourth": np.array(host["fourth"], dtype=np.float64),
+            "scatter": _symmetric(totals["scatter"]).detach().cpu().numpy(),
+            "third": third,
+            "fourth": np.array(fourth, dtype=np.float64),
         }
 
     @classmethod

@@ -56,7 +56,7 @@ def test_lora_a_starts_in_the_top_r_generalized_eigenvectors_with_the_peft_row_n
     for name, mod in mods.items():
         A = mod.lora_A["default"].weight.detach().double()
         basis = handle.projector(name)
-        V = torch.as_tensor(basis.vectors[:, :4])
+        V = torch.tensor(basis.vectors[:, :4])  # a copy: the basis's arrays are read-only
         # rows in the span of the top-r eigenvectors: least-squares residual ~0
         coef = torch.linalg.lstsq(V, A.T).solution
         assert torch.linalg.norm(V @ coef - A.T) < 1e-6 * torch.linalg.norm(A)

@@ -1,22 +1,26 @@
 """Regression tests of the bridge, each named after the defect it pins.
 
-Persistence (resume mid-warm-up, another method's defaults), rollback of a failed ``preserve`` or
-``calibrate``, batch and input handling, meters and statistics I/O. Each test failed on the code
-before its fix.
+Persistence (resume mid-warm-up, another method's defaults, the ``C_t`` of the bases), rollback of a
+failed ``preserve`` or ``calibrate``, batch and input handling, meters and statistics I/O, online
+statistics without autograd graphs, ``torch.compile``'d models, one gate for FoLoRA and the handle,
+a removed handle's optimizer. Each test failed on the code before its fix.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import functools
 import logging
 
+import numpy as np
 import pytest
 import torch
 from _tiny_bert import calibration_batches, tiny_bert_classifier
 from torch import nn
 
-from rqcore_torch import CalibrationStatistics, calibrate, load, preserve
+import rqcore_torch.calibration as calibration_module
+from rqcore_torch import CalibrationStatistics, TorchCovariance, calibrate, load, preserve
 
 
 def _mlp(seed: int = 0, d: int = 6) -> nn.Module:
@@ -228,3 +232,171 @@ def test_statistics_metadata_is_validated(key, value):
     meta = dict(meta, **{key: value})
     with pytest.raises(ValueError, match="malformed statistics metadata"):
         CalibrationStatistics.from_state_dict(tensors, meta)
+
+
+# --- online statistics, persistence of C_t, compiled models, gates, removal --------------------
+
+
+def test_torch_backend_statistics_never_hold_the_autograd_graph(tmp_path, monkeypatch):
+    # The torch backend (every non-CPU device) summed grad-requiring rows into its totals: each
+    # training step's graph stayed alive, and state_dict()'s .numpy() raised.
+    acc = TorchCovariance(4, backend="torch")
+    layer = nn.Linear(4, 4)
+    for _ in range(2):
+        acc.update(layer(torch.randn(8, 4)), check_finite=False)
+    assert not any(t.requires_grad for t in acc._totals.values())
+    acc.state_dict()
+
+    # End to end: online tracking of method="gate" on the torch backend (what a GPU gets).
+    torch_backend = functools.partial(TorchCovariance, backend="torch")
+    monkeypatch.setattr(calibration_module, "TorchCovariance", torch_backend)
+    model = _mlp()
+    handle = preserve(model, _data(), method="gate", refresh_every=100, progress=False)
+    opt = handle.optimizer(torch.optim.SGD, lr=1e-2)
+    _train(model, opt, 2, seed=1)
+    assert handle._online_stats is not None and handle._online_stats.groups
+    for acc in handle._online_stats.groups.values():
+        assert acc.backend == "torch"
+        assert not any(t.requires_grad for t in acc._totals.values())
+    opt.state_dict()  # raised "Can't call numpy() on Tensor that requires grad"
+    handle.save(tmp_path / "h.safetensors")
+    handle.refresh()  # solves with the online C_t
+    handle.remove()
+
+
+def _bases(handle) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Values, vectors and gains of each group's basis (copies)."""
+    return {
+        g: (p.values.copy(), p.vectors.copy(), p.gains.copy())
+        for g, p in handle._projectors.items()
+    }
+
+
+def _assert_same_bases(expected, handle) -> None:
+    got = _bases(handle)
+    assert set(got) == set(expected)
+    for group, arrays in expected.items():
+        for a, b in zip(arrays, got[group], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("save_at", [0, 7])
+def test_load_keeps_the_task_statistics_and_the_solved_task_covariance(tmp_path, save_at):
+    # save() stored only the online window in place of the task statistics: right after preserve()
+    # the pre-pass C_t was lost (bases of the placeholder C_t); after a refresh the window's partial
+    # statistics replaced the C_t the bases were solved with.
+    g = torch.Generator().manual_seed(3)
+    task = [
+        torch.randn(16, 6, generator=g) * torch.tensor([0.1, 0.1, 1, 3, 1, 1]) for _ in range(3)
+    ]
+    model = _mlp()
+    handle = preserve(
+        model, _data(), task_loader=task, method="gate", refresh_every=5, progress=False, seed=0
+    )
+    opt = handle.optimizer(torch.optim.SGD, lr=1e-2)  # no optimizer state: the file must suffice
+    _train(model, opt, save_at, seed=1)
+    path = tmp_path / "h.safetensors"
+    handle.save(path)
+    saved_bases = _bases(handle)
+    weights = copy.deepcopy(model.state_dict())
+    _train(model, opt, 6, seed=2)  # crosses the next refresh (step 5 or 10)
+    reference = model.state_dict()
+
+    resumed = _mlp(seed=5)
+    resumed.load_state_dict(weights)
+    loaded = load(path, resumed)
+    assert loaded.task_statistics is not None and loaded.step == save_at
+    _assert_same_bases(saved_bases, loaded)
+    _train(resumed, loaded.optimizer(torch.optim.SGD, lr=1e-2), 6, seed=2)
+    for key, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+    _assert_same_bases(_bases(handle), loaded)
+
+
+@pytest.mark.parametrize("refresh_every", [None, 4])
+def test_load_after_the_folora_warmup_keeps_its_task_covariance(tmp_path, refresh_every):
+    # After FoLoRA's warm-up refresh the bases come from the online C_t, then the window is reset:
+    # save() stored nothing of it and load() re-solved with the isotropic placeholder.
+    model = _mlp()
+    handle = preserve(
+        model, _data(), task_warmup=2, refresh_every=refresh_every, progress=False, seed=0
+    )
+    opt = handle.optimizer(torch.optim.AdamW, lr=1e-2)
+    _train(model, opt, 3, seed=1)
+    path = tmp_path / "h.safetensors"
+    handle.save(path)
+    opt_state = copy.deepcopy(opt.state_dict())
+    weights = copy.deepcopy(model.state_dict())
+    saved_bases = _bases(handle)
+
+    resumed = _mlp(seed=5)
+    resumed.load_state_dict(weights)
+    loaded = load(path, resumed)
+    _assert_same_bases(saved_bases, loaded)
+    assert not loaded._warmup_pending and loaded.task_statistics is None
+
+    _train(model, opt, 6, seed=2)  # crosses the refreshes at steps 4 and 8
+    reference = model.state_dict()
+    opt2 = loaded.optimizer(torch.optim.AdamW, lr=1e-2)
+    opt2.load_state_dict(copy.deepcopy(opt_state))
+    _train(resumed, opt2, 6, seed=2)
+    for key, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+    _assert_same_bases(_bases(handle), loaded)
+
+
+def test_calibrate_and_track_a_compiled_model():
+    # Dynamo traced the forward pre-hooks (and the accumulators' NumPy calls) and failed.
+    model = _mlp()
+    compiled = torch.compile(model, backend="eager")
+    try:
+        handle = preserve(compiled, _data(), method="gate", refresh_every=2, progress=False)
+        assert handle.targets
+        opt = handle.optimizer(torch.optim.SGD, lr=1e-2)
+        _train(compiled, opt, 1, seed=1)
+        assert handle._online_stats is not None
+        assert all(acc.count > 0 for acc in handle._online_stats.groups.values())
+        _train(compiled, opt, 1, seed=2)  # the refresh at step 2 solves with the tracked C_t
+        assert handle.step == 2
+        handle.remove()
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("gate", "options"),
+    [("sigmoid", {}), ("sigmoid", {"temperature": 2.0}), ("power", {"alpha": 2.0})],
+)
+def test_folora_optimizer_and_handle_apply_the_same_gains(gate, options):
+    # FoLoRAAdam's sigmoid used temperature 0.5, the handle's bases rqcore's default 1.0, and FoLoRA
+    # refused the temperature (and alpha) that PreserveConfig documents.
+    g = torch.Generator().manual_seed(3)
+    task = [torch.randn(16, 6, generator=g) * torch.tensor([0.1, 0.1, 1, 3, 1, 1])]
+    model = _mlp()
+    handle = preserve(
+        model, _data(), task_loader=task, gate=gate, gate_options=options, progress=False
+    )
+    opt = handle.optimizer(torch.optim.AdamW, lr=1e-3)
+    for name in ("0", "2"):
+        expected = torch.as_tensor(handle.projector(name).gains)
+        torch.testing.assert_close(opt.gains(name).double(), expected, rtol=1e-6, atol=1e-7)
+    handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("method", "cls"), [("gate", torch.optim.SGD), ("folora", torch.optim.AdamW)]
+)
+def test_removed_handle_does_not_refresh_its_optimizer(method, cls):
+    # remove() left on_step attached: the optimizer kept re-solving the bases from statistics that
+    # no longer tracked anything (after the first reset: the placeholder C_t).
+    model = _mlp()
+    handle = preserve(model, _data(), method=method, refresh_every=2, progress=False)
+    opt = handle.optimizer(cls, lr=1e-2)
+    refreshes: list[int] = []
+    refresh = handle.refresh
+    handle.refresh = lambda: (refreshes.append(handle.step), refresh())[1]  # type: ignore[method-assign]
+    _train(model, opt, 2, seed=1)
+    assert refreshes == [2]
+    handle.remove()
+    _train(model, opt, 4, seed=2)
+    assert refreshes == [2]

@@ -147,3 +147,26 @@ def test_auto_backend_uses_the_core_on_cpu_and_reports_it() -> None:
     acc.update(torch.ones(2, 3))
     assert acc.backend == "core" and "backend='core'" in repr(acc)
     assert TorchCovariance(3, backend="torch").update(torch.ones(2, 3)).backend == "torch"
+
+
+@pytest.mark.parametrize("backend", ["core", "torch"])
+@pytest.mark.parametrize("centered", [False, True])
+def test_overflowing_fourth_moments_match_the_core_on_both_backends(backend, centered):
+    # Entries near 1e77: the covariance fits float64, Σ‖x‖⁴ does not. The torch backend took the
+    # overflow for a NaN input ("X contains 0 non-finite value(s)").
+    acc = TorchCovariance(4, centered=centered, backend=backend)
+    f64 = torch.float64
+    rows = [
+        torch.full((1, 4), -5e76, dtype=f64),
+        torch.tensor([[5e76, 1e77, 1.5e77, 2e77]], dtype=f64),
+    ]
+    for x in rows:
+        acc.update(x)
+    core = StreamingCovariance(4, centered=centered)
+    for x in rows:
+        core.update(x.numpy())
+    state = acc.state_dict()
+    assert state["fourth"] == np.inf
+    np.testing.assert_allclose(acc.to_core().covariance(), core.covariance(), rtol=1e-12)
+    with pytest.raises(ValueError, match="non-finite"):
+        acc.update(torch.tensor([[float("nan"), 0.0, 0.0, 0.0]], dtype=torch.float64))
