@@ -46,10 +46,18 @@ _WORK_DTYPES = (np.float32, np.float64)
 
 
 def _frozen(a: ArrayLike) -> FloatArray:
-    """A C-ordered, read-only copy of ``a``."""
-    out = np.array(a, order="C", copy=True)
-    out.flags.writeable = False
-    return out
+    """``a`` C-ordered and read-only: a private copy of a writeable array, a view of a read-only one.
+
+    A read-only input is shared on purpose (a result's vectors, a product made for the basis), which
+    spares a second d×k array beside the result a basis came from.
+    """
+    arr = np.asarray(a)
+    if arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.array(arr, order="C", copy=True)
+    else:
+        arr = arr.view()
+    arr.flags.writeable = False
+    return arr
 
 
 class QuadraticForm(NamedTuple):
@@ -448,13 +456,14 @@ class RayleighBasis:
             if not cp_known:
                 raise ValueError("dual (M V) is required when C_p is not known.")
             MV = V.copy() if B is None else B @ V + eps * V
+            MV.flags.writeable = False  # made here: _frozen shares it instead of copying
         else:
             MV = as_float_array(dual, "dual", ndim=2, allowed=_WORK_DTYPES)
             if MV.shape != (d, k):
                 raise ValueError(f"dual has shape {MV.shape}; expected {(d, k)}.")
             check_finite(MV, "dual")
-        # Private read-only copies: the per-dtype casts below are cached, so an array changed in
-        # place (or the caller's result edited) would leave them stale.
+        # Read-only (the per-dtype casts below are cached: an array changed in place would leave
+        # them stale); writeable inputs are copied, read-only ones shared (see _frozen).
         self._values = _frozen(lam)
         self._vectors = _frozen(V)
         self._MV = _frozen(np.asarray(MV, dtype=V.dtype))
@@ -491,6 +500,9 @@ class RayleighBasis:
     ) -> RayleighBasis:
         """Build the basis of an existing :func:`~rqcore.generalized_topk` result.
 
+        The basis shares ``result.vectors`` (no d×k copy, as :attr:`vectors` is read-only): do not
+        change the result's arrays in place while the basis is in use.
+
         Parameters
         ----------
         result : GeneralizedEigenResult
@@ -522,8 +534,12 @@ class RayleighBasis:
                 f"result must be a GeneralizedEigenResult, got {type(result).__name__}."
             )
         pencil = result.pencil
-        V = np.ascontiguousarray(result.vectors)
+        # Read-only views: the basis shares the result's vectors (and the product made here)
+        # instead of copying them; the result's own arrays stay writeable.
+        V = np.ascontiguousarray(result.vectors).view()
+        V.flags.writeable = False
         MV = pencil.matvec(V.astype(pencil.dtype, copy=False)).astype(V.dtype, copy=False)
+        MV.flags.writeable = False
         return cls(
             result.values,
             V,

@@ -512,8 +512,12 @@ def test_basis_arrays_are_read_only_so_cached_casts_cannot_go_stale():
             getattr(basis, name)[...] = 0.0
         with pytest.raises(AttributeError):
             setattr(basis, name, getattr(basis, name) * 2.0)
-    result.vectors[...] = 0.0  # the caller's result stays theirs: the basis holds a copy
-    assert np.abs(basis.vectors).max() == 1.0
+    assert result.vectors.flags.writeable  # the result stays the caller's
+    assert np.shares_memory(basis.vectors, result.vectors)  # no second d×k array (documented)
+    V, values = np.eye(3)[:, :2], np.array([3.0, 2.0])
+    own = RayleighBasis(values, V, B=None)  # arrays passed by the caller are copied
+    V[...] = 0.0
+    assert np.abs(own.vectors).max() == 1.0
     proj = NullspaceProjector(np.diag([3.0, 2.0, 1e-9]), energy=0.9)
     with pytest.raises(ValueError, match="read-only"):
         proj.basis[...] = 0.0
