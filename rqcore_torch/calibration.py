@@ -114,6 +114,16 @@ class CalibrationStatistics:
     def accumulator(self, name: str) -> TorchCovariance:
         """The accumulator holding layer ``name``'s statistics (shared within its group).
 
+        Parameters
+        ----------
+        name : str
+            A layer name of :attr:`layers`.
+
+        Returns
+        -------
+        TorchCovariance
+            The group's accumulator itself, not a copy: the layers of one group get the same object.
+
         Raises
         ------
         KeyError
@@ -126,11 +136,38 @@ class CalibrationStatistics:
         return self.groups[self.layers[name].group]
 
     def covariance(self, name: str) -> torch.Tensor:
-        """``Σ x xᵀ / n`` of layer ``name``'s (augmented) input, float64 on the statistics' device."""
+        """``Σ x xᵀ / n`` of layer ``name``'s (augmented) input, float64 on the statistics' device.
+
+        Parameters
+        ----------
+        name : str
+            A layer name of :attr:`layers`.
+
+        Returns
+        -------
+        Tensor of shape (dim, dim)
+            A fresh tensor, :meth:`TorchCovariance.covariance` of the layer's accumulator
+            (``scatter / total_weight``; ``dim = d_in + 1`` when the bias is gated).
+
+        Raises
+        ------
+        KeyError
+            If the layer has no statistics.
+        ValueError
+            If its accumulator holds no data (zero total weight).
+        """
         return self.accumulator(name).covariance()
 
     def nbytes(self) -> int:
-        """Bytes held by the accumulators' totals (``Σ_groups 8·(D² + 2D) + 32``, D = d + 1 with a bias)."""
+        """Bytes held by the accumulators' float64 totals, computed from their sizes.
+
+        Returns
+        -------
+        int
+            ``Σ_groups 8·(D² + 2D) + 32`` with ``D`` the group's :attr:`TorchCovariance.dim`
+            (``d_in + 1`` with a gated bias): the scatter, sum and third-moment arrays plus four
+            scalars. Not a measurement of the memory allocated.
+        """
         total = 0
         for acc in self.groups.values():
             D = acc.dim
@@ -174,10 +211,25 @@ class CalibrationStatistics:
     ) -> CalibrationStatistics:
         """Rebuild from :meth:`state_dict` (validated: format, version, keys, shapes).
 
+        Parameters
+        ----------
+        tensors : mapping of str to Tensor
+            CPU tensors named ``"{group}::{key}"``, as :meth:`state_dict` returns them.
+        meta : mapping
+            The metadata of :meth:`state_dict`.
+        device : torch.device or str, optional
+            Where the accumulators live (default: the CPU).
+
+        Returns
+        -------
+        CalibrationStatistics
+
         Raises
         ------
         ValueError
-            On a foreign format, a newer version, or missing/inconsistent entries.
+            On a foreign format, a newer version, malformed metadata, a group whose tensors are
+            missing or invalid (checked by :meth:`TorchCovariance.from_state_dict`), or a layer
+            whose declared dim differs from its group's.
         """
         if meta.get("format") != STATS_FORMAT:
             raise ValueError(f"not rqcore calibration statistics (format={meta.get('format')!r}).")
@@ -219,6 +271,14 @@ class CalibrationStatistics:
     def save(self, path: str | Path) -> None:
         """Write to a safetensors file (tensors + JSON metadata; no pickle).
 
+        The file holds :meth:`state_dict`: the tensors, and the metadata as JSON under the
+        ``"rqcore"`` key. An existing file is overwritten.
+
+        Parameters
+        ----------
+        path : str or Path
+            The file to write.
+
         Examples
         --------
         >>> import tempfile, os, torch
@@ -239,7 +299,28 @@ class CalibrationStatistics:
     def load(
         cls, path: str | Path, *, device: torch.device | str | None = None
     ) -> CalibrationStatistics:
-        """Read statistics written by :meth:`save` onto ``device`` (default CPU)."""
+        """Read statistics written by :meth:`save` onto ``device`` (default CPU).
+
+        Parameters
+        ----------
+        path : str or Path
+            A file written by :meth:`save`, or by :meth:`rqcore_torch.PreservationHandle.save`
+            (whose calibration statistics are then read).
+        device : torch.device or str, optional
+            Where the accumulators live (default: the CPU).
+
+        Returns
+        -------
+        CalibrationStatistics
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` is not a file.
+        ValueError
+            If the file is not a readable safetensors file with rqcore metadata, or the statistics
+            fail the checks of :meth:`from_state_dict`.
+        """
         tensors, meta = _read_safetensors(path)
         if "statistics" in meta and isinstance(meta["statistics"], dict):
             meta = meta["statistics"]
@@ -254,14 +335,39 @@ class CalibrationStatistics:
         """Per group, the mixture ``Σ_s w_s C_s`` of normalized covariances.
 
         Each source's totals are rescaled to total weight ``w_s / max_s w_s`` (only the ratios
-        matter) and summed, so the merged :meth:`covariance` is ``Σ_s w_s C_s / Σ_s w_s`` whatever the
-        sources' token counts. The result is marked :attr:`mixed`: :func:`calibrate` refuses to add
-        batches to it (they would outweigh the mix); merge new statistics in instead.
+        matter) and summed, so the merged :meth:`covariance` is ``Σ_s w_s C_s / Σ_s w_s`` whatever
+        the sources' token counts. The result is marked :attr:`mixed`: :func:`calibrate` refuses to
+        add batches to it (they would outweigh the mix); merge new statistics in instead.
+
+        Parameters
+        ----------
+        parts : sequence of (CalibrationStatistics, float)
+            The sources and their weights ``w_s`` (finite, ``>= 0``, not all zero).
+
+        Returns
+        -------
+        CalibrationStatistics
+            New statistics (the sources are unchanged), on the devices of the first source's
+            accumulators, with :attr:`mixed` set; ``batches`` and ``tokens`` are the sources' sums,
+            ``unreached`` and ``unmasked`` the sorted unions of theirs.
 
         Raises
         ------
         ValueError
-            If the sources' layer grouping differs, or a weight is negative / all weights zero.
+            If ``parts`` is empty, a weight is negative or not finite, all weights are zero, or the
+            sources reached different layers or grouped them differently.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from rqcore_torch import calibrate
+        >>> model = nn.Sequential(nn.Linear(2, 1, bias=False))
+        >>> a = calibrate(model, [torch.tensor([[1.0, 0.0]])], progress=False)
+        >>> b = calibrate(model, [torch.tensor([[0.0, 2.0]] * 3)], progress=False)  # 3 tokens
+        >>> CalibrationStatistics.weighted_merge([(a, 1.0), (b, 1.0)]).covariance("0")
+        tensor([[0.5000, 0.0000],
+                [0.0000, 2.0000]], dtype=torch.float64)
         """
         parts = [(s, float(w)) for s, w in parts]
         if (
@@ -311,8 +417,22 @@ class CalibrationStatistics:
     def all_reduce_(self) -> CalibrationStatistics:
         """Sum the sufficient statistics over ``torch.distributed`` ranks, in place.
 
-        Uncentered totals add, so after the reduction every rank holds the statistics of the union of
-        the ranks' shards (one float64 all-reduce per group, never raw activations).
+        Uncentered totals add, so after the reduction every rank holds the statistics of the union
+        of the ranks' shards (one float64 all-reduce per group, never raw activations).
+
+        A collective: every rank of the initialized default process group must call it. ``batches``
+        and ``tokens`` are summed too; ``unreached``, ``unmasked`` and ``mixed`` stay per rank.
+
+        Returns
+        -------
+        CalibrationStatistics
+            ``self``, reduced.
+
+        Raises
+        ------
+        ValueError
+            On every rank, if the ranks' accumulators differ in groups or dims (e.g. a rank whose
+            shard was empty or reached other layers); nothing is reduced then.
         """
         import torch.distributed as dist
 

@@ -296,16 +296,38 @@ class PreserveConfig:
 
     @classmethod
     def from_json_dict(cls, data: Mapping[str, Any], **overrides: Any) -> PreserveConfig:
-        """Rebuild from :meth:`to_json_dict`; ``overrides`` replace fields (e.g. a callable ``gate``).
+        """Rebuild from :meth:`to_json_dict`; ``overrides`` replace fields (e.g. a callable gate).
 
         When ``overrides`` changes ``method``, the method-dependent fields (``reg``,
         ``tau_fraction``) whose saved values are the saved method's defaults take the new method's
         defaults, as :func:`~rqcore_torch.preserve` would give them; pass them again to keep them.
 
+        Parameters
+        ----------
+        data : mapping
+            Fields as :meth:`to_json_dict` wrote them (e.g. the configuration of a saved handle);
+            missing fields take their defaults.
+        **overrides
+            Fields that replace the saved values.
+
+        Returns
+        -------
+        PreserveConfig
+            Validated by ``__post_init__`` like a configuration built directly.
+
         Raises
         ------
         ValueError
-            On unknown keys, or a saved callable gate without a ``gate=`` override.
+            On unknown keys in ``data``, a saved callable gate without a ``gate=`` override, or a
+            value the validation rejects.
+        TypeError
+            On an override that is not a field, or a value of the wrong type.
+
+        Examples
+        --------
+        >>> saved = PreserveConfig(method="gate").to_json_dict()
+        >>> PreserveConfig.from_json_dict(saved, method="folora").reg  # FoLoRA's default reg
+        0.1
         """
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known

@@ -199,10 +199,30 @@ def _rows(module: nn.Module) -> torch.Tensor:
 
 
 def forgetting_meter(model: nn.Module, statistics: Any, w0: dict[str, torch.Tensor]) -> float:
-    """``Σ tr(ΔW C_p ΔWᵀ) / Σ tr(W₀ C_p W₀ᵀ)`` over the calibrated layers (rqcore's meter).
+    """``Σ tr(ΔW C_p ΔWᵀ) / Σ tr(W₀ C_p W₀ᵀ)`` over the layers of ``w0`` (rqcore's meter).
 
-    The same number :meth:`rqcore_torch.PreservationHandle.penalty` reports, computed here for every
-    method from one set of statistics (LoRA models are merged first).
+    The formula of ``PreservationHandle.penalty().total``, computed here for every method of the
+    demo (with or without a handle) from one set of statistics. It differs from the handle's in two
+    ways: each layer's traces are summed as computed, a negative rounding result included (the
+    handle clips them at 0), and a summed denominator ``<= 0`` gives 0.0 whatever moved (where the
+    handle's total is ``inf`` once a weight moved against a zero reference). Each module's
+    ``weight`` and ``bias`` are read as stored, so the caller merges a LoRA model first.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The finetuned model; each name of ``w0`` is a submodule whose ``weight`` is stored
+        ``(out, in)`` (``nn.Linear``).
+    statistics : CalibrationStatistics
+        ``C_p``: anything whose ``covariance(name)`` gives the layer's input second moments.
+    w0 : dict of str to Tensor
+        ``[W₀ | b₀]`` per layer, as :func:`snapshot_weights` returns them.
+
+    Returns
+    -------
+    float
+        ``Σ num / Σ den`` over the layers' :func:`~rqcore_torch.handle.penalty_terms` when
+        ``Σ den > 0``, else 0.0.
     """
     from rqcore_torch.handle import penalty_terms
 

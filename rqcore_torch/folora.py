@@ -135,6 +135,34 @@ class SpectralLayer:
 
         ``device``/``dtype`` default to the weight's. The step scale is ``sqrt(tr(M)/d)`` when the
         basis holds ``C_p`` (``B``), ``1`` for the standard problem (``M = I``).
+
+        Parameters
+        ----------
+        name : str
+            Identifier of the layer.
+        weight : torch.nn.Parameter
+            ``(out, d_in)``, or ``(d_in, out)`` when ``transposed``.
+        bias : torch.nn.Parameter or None
+            With a bias, ``basis`` must be over the augmented inputs (``d = d_in + 1``).
+        basis : rqcore.RayleighBasis
+            The layer's basis; its arrays are copied.
+        transposed : bool, default False
+            Weight stored ``(d_in, out)`` (HF ``Conv1D``).
+        device : torch.device or str, optional
+            Device of the basis tensors (default: the weight's).
+        dtype : torch.dtype, optional
+            Their dtype (default: the weight's).
+
+        Returns
+        -------
+        SpectralLayer
+            Its ``scale`` is ``sqrt(tr(B)/d + ε)`` when the basis holds ``B``, ``1`` for the
+            standard problem, otherwise (``C_p`` not known) estimated from ``MV``.
+
+        Raises
+        ------
+        ValueError
+            If the basis does not fit the layer (``d`` other than ``d_in`` plus the bias column).
         """
         device = weight.device if device is None else device
         dtype = weight.dtype if dtype is None else dtype
@@ -300,7 +328,28 @@ class LoRAPencil:
     tau: float | None = None
 
     def solve(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        """``(values, vectors, dual, scale)`` of the r-dim pencil at the current ``L_A`` (float64)."""
+        """``(values, vectors, dual, scale)`` of the r-dim pencil at the current ``L_A`` (float64).
+
+        Solves ``(L_A C_t L_Aᵀ) u = λ M_r u`` densely on ``lora_A``'s device, with
+        ``M_r = L_A C_p L_Aᵀ + ε_r I``, or ``L_A (C_p + εI) L_Aᵀ + ε_r I`` when :attr:`eps` is
+        given (``ε_r = reg·tr(·)/r``, or ``1e-9·tr(·)/r`` with :attr:`eps`).
+
+        Returns
+        -------
+        values : (r,) Tensor
+            Generalized eigenvalues, descending.
+        vectors : (r, r) Tensor
+            ``V`` with ``Vᵀ M_r V = I``.
+        dual : (r, r) Tensor
+            ``M_r V``.
+        scale : float
+            ``sqrt(tr(M_r)/r)``, the step scale of :class:`SpectralLayer`.
+
+        Raises
+        ------
+        ValueError
+            If the r-dim metric is not positive definite even after the shift.
+        """
         LA = self.lora_A.detach().to(torch.float64)
         A = LA @ self.C_t.to(LA) @ LA.T
         B = LA @ self.C_p.to(LA) @ LA.T
@@ -708,7 +757,25 @@ class FoLoRAAdam(torch.optim.Optimizer):
         st["budget_pending"] = False
 
     def gains(self, name: str) -> torch.Tensor:
-        """The current gains ``g`` of layer ``name`` (in the weight's dtype)."""
+        """The current gains ``g`` of layer ``name`` (in the weight's dtype).
+
+        Parameters
+        ----------
+        name : str
+            A gated layer's :attr:`SpectralLayer.name`.
+
+        Returns
+        -------
+        (k,) Tensor
+            The gains of the layer's current basis, on the weight's device: the optimizer's state
+            tensor itself, not a copy. With ``tau="budget"`` they are all 1 until the first step
+            after each basis is set.
+
+        Raises
+        ------
+        KeyError
+            If ``name`` is not a gated layer.
+        """
         return self._lstate(name)["gains"]
 
     def set_basis(
@@ -723,6 +790,32 @@ class FoLoRAAdam(torch.optim.Optimizer):
 
         ``scale`` defaults to the layer's current one (``tr(M)/d`` does not change much between
         refreshes; pass it when ``C_p`` was re-estimated).
+
+        The basis is stored in the weight's device and dtype, and the layer's ``τ`` and gains are
+        resolved anew for it (with ``tau="budget"``: at the next step). Moments exist only once the
+        layer has stepped; with ``gate_position="step"`` they are left as they are.
+
+        Parameters
+        ----------
+        name : str
+            A gated layer's :attr:`SpectralLayer.name`.
+        values : (k,) Tensor or ndarray
+            Generalized eigenvalues, descending.
+        vectors : (d, k) Tensor or ndarray
+            ``V`` with ``Vᵀ M V = I``; ``d`` as in the current basis, ``k`` may change (then
+            ``refresh_moments="keep"`` resets the moments).
+        dual : (d, k) Tensor or ndarray
+            ``M V``.
+        scale : float, optional
+            Step scale ``s`` (see :class:`SpectralLayer`).
+
+        Raises
+        ------
+        KeyError
+            If ``name`` is not a gated layer.
+        ValueError
+            If ``vectors`` has another ``d`` than the current basis or ``dual`` another shape than
+            ``vectors``.
         """
         st = self._lstate(name)
         p = self._layers[name].weight
@@ -776,11 +869,22 @@ class FoLoRAAdam(torch.optim.Optimizer):
             st["comp_exp_avg"] = m_G - z_new @ MV_new.T  # complement part under the new basis
 
     def refresh_lora_pencils(self, names: Iterable[str] | None = None) -> None:
-        """Re-solve the ``lora_pencils`` (all, or ``names``) now, from the current ``L_A`` and each
-        pencil's ``C_t``/``C_p``; the moments follow ``refresh_moments`` (:meth:`set_basis`).
+        """Re-solve the ``lora_pencils`` (all, or ``names``) now, from the current ``L_A``.
 
+        Each pencil is solved with :meth:`LoRAPencil.solve` (its ``C_t``/``C_p``) and installed with
+        :meth:`set_basis`, so the moments follow ``refresh_moments``.
         :class:`~rqcore_torch.PreservationHandle` calls it after replacing the pencils' ``C_t`` (its
         warm-up and periodic refreshes).
+
+        Parameters
+        ----------
+        names : iterable of str, optional
+            Keys of ``lora_pencils`` to re-solve (default: all of them).
+
+        Raises
+        ------
+        KeyError
+            If a name is not a key of ``lora_pencils``.
         """
         for name in self.lora_pencils if names is None else names:
             self._solve_lora(name, self.lora_pencils[name])
@@ -800,7 +904,23 @@ class FoLoRAAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimization step (see the class notes)."""
+        """One optimization step (see the class notes).
+
+        Unlike a torch optimizer's ``step``, it first re-solves the ``lora_pencils`` when a
+        ``refresh_every`` period has ended (before steps ``refresh_every + 1``,
+        ``2·refresh_every + 1``, ...), then gives every gated group its spectral step and every
+        other group an AdamW step, and finally calls ``on_step(self)``.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model and returns the loss; called first, with gradients enabled.
+
+        Returns
+        -------
+        loss : object or None
+            What ``closure`` returned, or None without a closure.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -926,7 +1046,17 @@ class FoLoRAAdam(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """Torch's optimizer state plus the step counter (bases, gains and ``τ`` live in the state)."""
+        """Torch's optimizer state plus the step counter (bases, gains and ``τ`` live in the state).
+
+        Returns
+        -------
+        dict
+            :meth:`torch.optim.Optimizer.state_dict` (its ``"param_groups"`` carry each group's
+            ``"layer"``; the ``"state"`` of a gated layer's weight holds its ``values``,
+            ``vectors``, ``dual``, ``scale``, ``tau`` and ``gains`` beside the moments) and
+            ``"folora_global_step"``, the number of :meth:`step` calls, added after torch's
+            state-dict post-hooks ran. :meth:`load_state_dict` restores it.
+        """
         sd = super().state_dict()
         sd["folora_global_step"] = self._global_step
         return sd

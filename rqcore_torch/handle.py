@@ -1,9 +1,9 @@
 """The object :func:`rqcore_torch.preserve` returns: bases, gates, monitoring, refresh and cleanup.
 
-A :class:`PreservationHandle` owns everything preservation needs — the calibration statistics, the
-``W₀`` snapshots, one factored pencil and one projector per distinct layer input, and the hooks of online
-task tracking — so nothing is stored on the user's modules, and :meth:`PreservationHandle.remove` (or
-leaving a ``with`` block) detaches every hook.
+A :class:`PreservationHandle` owns everything preservation needs — the calibration statistics,
+the ``W₀`` snapshots, one factored pencil and one projector per distinct layer input, and the hooks
+of online task tracking — so nothing is stored on the user's modules, and
+:meth:`PreservationHandle.remove` (or leaving a ``with`` block) detaches every hook.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _gain_rule(config: PreserveConfig) -> Callable[[np.ndarray], Any]:
 
 
 def _ratio(num: float, den: float) -> float:
-    """``num / den`` for the penalty meter: 0 when nothing moved, ``inf`` for a move against ``den = 0``."""
+    """``num / den`` for the penalty meter; for ``den <= 0``: 0 if ``num == 0``, else ``inf``."""
     if den > 0:
         return num / den
     return 0.0 if num == 0 else math.inf
@@ -164,16 +164,17 @@ class PreservationHandle:
     step : int, default 0
         Optimizer steps already taken (restored by :func:`~rqcore_torch.load`).
     task_covariances : dict of str to Tensor, optional
-        Per group, the ``C_t`` to solve the first bases with instead of the task statistics (restored
-        by :func:`~rqcore_torch.load`: the ``C_t`` the saved handle's bases were solved with, which
-        may come from an online window reset since). Later refreshes use the task statistics again.
+        Per group, the ``C_t`` to solve the first bases with instead of the task statistics
+        (restored by :func:`~rqcore_torch.load`: the ``C_t`` the saved handle's bases were solved
+        with, which may come from an online window reset since). Later refreshes use the task
+        statistics again.
 
     Notes
     -----
-    Without task statistics the initial ``C_t`` is isotropic, ``(tr C_p / d)·I``: the first basis then
-    favours the directions the pretraining data uses least. Online tracking (``refresh_every``; for
-    ``"folora"`` also the first ``task_warmup`` steps) replaces it with the statistics of the training
-    batches seen since the previous refresh.
+    Without task statistics the initial ``C_t`` is isotropic, ``(tr C_p / d)·I``: the first basis
+    then favours the directions the pretraining data uses least. Online tracking (``refresh_every``;
+    for ``"folora"`` also the first ``task_warmup`` steps) replaces it with the statistics of the
+    training batches seen since the previous refresh.
 
     Examples
     --------
@@ -221,7 +222,7 @@ class PreservationHandle:
         self._removed = False
         # C_t each group's current basis was solved with (the LoRA pencils of lora_B reuse it).
         self._task_cov: dict[str, torch.Tensor] = {}
-        # lora_B layer name -> (group, pencil) of the FoLoRAAdam built by optimizer() (method "folora").
+        # lora_B layer name -> (group, pencil) of the FoLoRAAdam built by optimizer() ("folora").
         self._lora_pencils: dict[str, tuple[str, LoRAPencil]] = {}
         # Read by the first solve only: a loaded handle's bases are the saved ones, and its
         # refreshes then track (and fall back) exactly as the saved handle's would.
@@ -311,7 +312,7 @@ class PreservationHandle:
         self._torch_gates.clear()
 
     def refresh(self) -> None:
-        """Re-solve every pencil from the latest task statistics (warm-started, ``C_p`` not refactored).
+        """Re-solve every pencil from the latest task statistics (warm-started, ``C_p`` reused).
 
         Called every ``refresh_every`` optimizer steps by the wrapped optimizer; the task statistics
         tracked online are then reset, so each refresh reflects the steps since the previous one.
@@ -323,6 +324,19 @@ class PreservationHandle:
         if self._online_stats is not None and dist.is_available() and dist.is_initialized():
             # Every rank must solve the same pencils, or data-parallel replicas drift apart.
             self._online_stats.all_reduce_()
+        if self._online_stats is not None and not any(
+            float(acc.total_weight) > 0 for acc in self._online_stats.groups.values()
+        ):
+            # Tracking runs only in train mode with grad enabled: a run that trains in eval() mode
+            # (dropout off) re-solves from the pre-pass or placeholder C_t; say so, once per refresh.
+            logger.warning(
+                "refresh at step %d: no task statistics were tracked since the last one (tracking "
+                "runs only with model.train() and grad enabled); the bases are re-solved from %s.",
+                self.step,
+                "the task_loader statistics"
+                if self.task_statistics is not None
+                else "the isotropic placeholder C_t",
+            )
         self._solve_all()
         if self._online_stats is not None:
             layout = dict(self._online_stats.layers)
@@ -335,10 +349,21 @@ class PreservationHandle:
     def projector(self, name: str) -> RayleighBasis | NullspaceProjector:
         """The core projector of layer ``name`` (shared by layers with the same input).
 
+        Parameters
+        ----------
+        name : str
+            A preserved layer's name.
+
+        Returns
+        -------
+        rqcore.RayleighBasis or rqcore.NullspaceProjector
+            The group's current projector itself (``"nullspace"``: a NullspaceProjector; ``"gate"``
+            and ``"folora"``: a RayleighBasis), replaced by each :meth:`refresh`.
+
         Raises
         ------
         KeyError
-            If the layer is not gated.
+            If the layer is not gated (no statistics, or ``method="none"``).
         """
         if name not in self.statistics.layers or not self._projectors:
             raise KeyError(f"layer {name!r} has no projector (method={self.config.method!r}).")
@@ -347,7 +372,7 @@ class PreservationHandle:
     # ------------------------------------------------------------------ online task statistics
     @property
     def _warmup_pending(self) -> bool:
-        """FoLoRA without task statistics: the first ``task_warmup`` steps collect ``C_t`` online."""
+        """FoLoRA without task statistics, in the first ``task_warmup`` steps (``C_t`` online)."""
         cfg = self.config
         return (
             cfg.method == "folora"
@@ -411,7 +436,7 @@ class PreservationHandle:
         Returns
         -------
         list of LayerGate
-            Empty for ``method="none"``. A frozen parameter is left out (it is not in the optimizer).
+            Empty for ``method="none"``. A frozen parameter is left out (not in the optimizer).
         """
         if self.config.method == "none":
             return []
@@ -461,8 +486,9 @@ class PreservationHandle:
         """Start each trainable ``lora_A`` in its layer's top-``r`` generalized eigenvectors.
 
         Rows are rescaled to the RMS row norm of the current (PEFT) init, so ``lora_B``'s effective
-        learning rate is unchanged. Runs once, at construction: an adapter whose ``lora_B`` is nonzero
-        (already trained, so ``lora_A`` carries the model's function) is kept, with a warning.
+        learning rate is unchanged. Runs once, at construction: an adapter whose ``lora_B`` is
+        nonzero (already trained, so ``lora_A`` carries the model's function) is kept, with a
+        warning.
         """
         from rqcore_torch.folora import lora_init_from_basis
 
@@ -495,9 +521,10 @@ class PreservationHandle:
                 A.copy_(lora_init_from_basis(basis, r, scale=scale, dtype=A.dtype, device=A.device))
 
     def _lora_b_layers(self) -> list[tuple[SpectralLayer, str, LoRAPencil]]:
-        """``lora_B`` of every trainable adapter as a layer gated in its r-dim pencil (placeholder basis).
+        """``lora_B`` of every trainable adapter as a layer gated in its r-dim pencil.
 
-        The basis is solved by :class:`~rqcore_torch.FoLoRAAdam` from the pencil at construction.
+        Each layer gets a placeholder basis; the real one is solved by
+        :class:`~rqcore_torch.FoLoRAAdam` from the pencil at construction.
         """
         from rqcore_torch.folora import LoRAPencil, SpectralLayer
 
@@ -522,7 +549,7 @@ class PreservationHandle:
         return out
 
     def _layer_tau(self, group: str) -> float | None:
-        """``τ`` of the group's full pencil (what its ``lora_A`` gets) for ``lora_b_tau="layer"``, else None."""
+        """The group's full-pencil ``τ`` (its ``lora_A``'s) if ``lora_b_tau="layer"``, else None."""
         cfg = self.config
         basis = self._projectors.get(group)
         if cfg.lora_b_tau != "layer" or not isinstance(basis, RayleighBasis):
@@ -534,7 +561,7 @@ class PreservationHandle:
         return resolve_tau(np.asarray(basis.values), "utility", cfg.tau_fraction)
 
     def spectral_layers(self) -> list[SpectralLayer]:
-        """One :class:`~rqcore_torch.folora.SpectralLayer` per trainable gated weight (``"folora"``).
+        """One :class:`~rqcore_torch.folora.SpectralLayer` per trainable gated weight ("folora").
 
         Layers sharing an input share its basis. A frozen weight is left out, and so is a trainable
         weight whose bias is frozen (its statistics are augmented with the bias column): it is then
@@ -665,10 +692,10 @@ class PreservationHandle:
     def _attach_resume_hooks(self, optimizer: Any, gated: Any) -> None:
         """Let the handle's schedule travel with ``optimizer.state_dict()``.
 
-        The step counter, the task statistics since the last refresh and the subsampling generator are
-        saved, so a resumed run (e.g. ``Trainer(resume_from_checkpoint=...)``) refreshes at the same
-        steps with the same ``C_t``. For a wrapped optimizer (``gated``) the current bases are saved
-        too: its gates are not optimizer state (FoLoRA keeps its bases in its own state).
+        The step counter, the task statistics since the last refresh and the subsampling generator
+        are saved, so a resumed run (e.g. ``Trainer(resume_from_checkpoint=...)``) refreshes at the
+        same steps with the same ``C_t``. For a wrapped optimizer (``gated``) the current bases are
+        saved too: its gates are not optimizer state (FoLoRA keeps its bases in its own state).
         """
 
         def save_hook(opt: Any, sd: dict[str, Any]) -> dict[str, Any]:
@@ -730,7 +757,7 @@ class PreservationHandle:
         optimizer.register_load_state_dict_post_hook(load_post_hook)
 
     def _bases_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The refreshable part of each group's Rayleigh basis, as tensors (``weights_only`` loads)."""
+        """Each group's refreshable Rayleigh-basis part, as tensors (for ``weights_only`` loads)."""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for group, proj in self._projectors.items():
             if isinstance(proj, RayleighBasis):
@@ -790,8 +817,8 @@ class PreservationHandle:
         Raises
         ------
         TypeError
-            For ``method="folora"``: FoLoRA keeps Adam's moments in each layer's spectral basis, so it
-            replaces the optimizer instead of wrapping one; use :meth:`optimizer`.
+            For ``method="folora"``: FoLoRA keeps Adam's moments in each layer's spectral basis, so
+            it replaces the optimizer instead of wrapping one; use :meth:`optimizer`.
         """
         from rqcore_torch.optim import GatedOptimizer
 
@@ -815,24 +842,40 @@ class PreservationHandle:
         cls : type
             For ``method="folora"``: ``torch.optim.AdamW`` (or ``Adam``), whose ``lr``, ``betas``,
             ``eps`` and ``weight_decay`` (decoupled; AdamW's defaults when omitted) configure a
-            :class:`~rqcore_torch.FoLoRAAdam` over the target layers (one per trainable gated weight,
-            with its bias), every other trainable parameter going to its plain-AdamW group; the bases
-            are re-solved and installed with ``set_basis`` after ``task_warmup`` steps (no task
-            statistics) and every ``refresh_every`` steps. PEFT LoRA targets: ``lora_A`` is gated in
-            the layer's pencil; ``lora_B`` is in the plain-AdamW group, or (``lora_b="pencil"``) gated
-            in the r-dim pencil through the current ``lora_A``, re-solved every
-            ``lora_refresh_every`` steps and at each of the handle's refreshes (new ``C_t``). Any other class (and any class for the
-            other methods) is built over the trainable parameters and wrapped (:meth:`wrap`); with
-            ``"folora"`` its step is then gated in the same bases (for plain SGD that is FoLoRA).
+            :class:`~rqcore_torch.FoLoRAAdam` over the target layers (one per trainable gated
+            weight, with its bias), every other trainable parameter going to its plain-AdamW group;
+            the bases are re-solved and installed with ``set_basis`` after ``task_warmup`` steps (no
+            task statistics) and every ``refresh_every`` steps. PEFT LoRA targets: ``lora_A`` is
+            gated in the layer's pencil; ``lora_B`` is in the plain-AdamW group, or
+            (``lora_b="pencil"``) gated in the r-dim pencil through the current ``lora_A``,
+            re-solved every ``lora_refresh_every`` steps and at each of the handle's refreshes (new
+            ``C_t``). Any other class (and any class for the other methods) is built over the
+            trainable parameters and wrapped (:meth:`wrap`); with ``"folora"`` its step is then
+            gated in the same bases (for plain SGD that is FoLoRA).
         **kwargs
             Arguments of ``cls``.
 
+        Returns
+        -------
+        FoLoRAAdam or GatedOptimizer
+            A :class:`~rqcore_torch.FoLoRAAdam` for ``method="folora"`` with Adam/AdamW, else a
+            :class:`~rqcore_torch.GatedOptimizer` around ``cls`` (for ``method="none"`` it gates
+            nothing but counts steps). Either way its steps advance the handle's step count (and,
+            for ``"gate"`` and ``"folora"``, re-solve the bases on schedule), and its state dict
+            carries the handle's step and online statistics.
+
         Raises
         ------
+        RuntimeError
+            If the handle was removed.
         TypeError
             For ``method="folora"`` with Adam/AdamW and arguments FoLoRA does not know.
         ValueError
-            For ``method="folora"`` with ``amsgrad=True`` or ``maximize=True``.
+            For ``method="folora"`` with Adam/AdamW: ``amsgrad=True`` or ``maximize=True``,
+            hyperparameters :class:`~rqcore_torch.FoLoRAAdam` rejects (e.g. a negative ``lr``), or
+            ``gate_options`` the gate does not take. :func:`~rqcore_torch.preserve` usually rejects
+            those options first, when it solves the bases; they reach this method when no solve
+            evaluated the gate (e.g. ``tau="auto"`` and no eigenvalue ``> 0``).
 
         Examples
         --------
@@ -854,7 +897,8 @@ class PreservationHandle:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.config.method == "folora":
             # FoLoRA's per-direction moments are Adam's; for another optimizer the analogue is its
-            # step gated in the same bases (exactly FoLoRA for plain SGD, whose step is linear in G).
+            # step gated in the same bases (exactly FoLoRA for plain SGD, whose step is linear in
+            # G).
             logger.info("method='folora' with %s: gating its step in the spectral bases.", cls)
             from rqcore_torch.optim import GatedOptimizer
 
@@ -873,11 +917,11 @@ class PreservationHandle:
 
         Notes
         -----
-        Both traces are ``≥ 0`` in exact arithmetic, but ``C_p`` summed from float32 products can be
-        indefinite by rounding (eigenvalues of ``-1e-7·‖C_p‖``), and a gate moves weights exactly along
-        its near-null directions: a negative rounding result is reported as 0. A layer whose reference
-        ``W₀`` has no penalty (``tr(W₀ C_p W₀ᵀ) = 0``, e.g. zero-initialized) reports ``inf`` once it
-        moves, and so does the total when every layer is like that.
+        Both traces are ``≥ 0`` in exact arithmetic, but ``C_p`` summed from float32 products can
+        be indefinite by rounding (eigenvalues of ``-1e-7·‖C_p‖``), and a gate moves weights exactly
+        along its near-null directions: a negative rounding result is reported as 0. A layer whose
+        reference ``W₀`` has no penalty (``tr(W₀ C_p W₀ᵀ) = 0``, e.g. zero-initialized) reports
+        ``inf`` once it moves, and so does the total when every layer is like that.
         """
         per: dict[str, float] = {}
         num_total = den_total = 0.0
@@ -893,7 +937,17 @@ class PreservationHandle:
         return PenaltyReport(per, _ratio(num_total, den_total))
 
     def report(self) -> Report:
-        """Per layer: input size, rank, top eigenvalue, mean gain and penalty (prints as a table)."""
+        """Per layer: input size, rank, top eigenvalue, mean gain and penalty (a printable table).
+
+        Returns
+        -------
+        Report
+            One :class:`LayerReport` per preserved layer, in order; ``penalty`` is the layer's
+            entry of :meth:`penalty`. For a Rayleigh basis: ``rank = k``, the largest ``λ`` and the
+            mean of the ``k`` gains and ``d − k`` complement gains; for a null-space projector: the
+            blocked directions, the largest ``C_p`` eigenvalue and ``1 − rank/d``; for
+            ``method="none"``: ``0``, NaN and ``1.0``.
+        """
         pen = self.penalty().per_layer
         rows = Report()
         for t in self.targets:
@@ -911,6 +965,17 @@ class PreservationHandle:
 
     def plot(self, path: str | Path) -> None:
         """Save a PNG of each layer's spectrum and gains.
+
+        One curve per input group: the eigenvalues on a log scale (clipped at ``1e-30``) on the
+        left, the gain of each direction on the right (a null-space projector: 0 for the blocked
+        directions, 1 for the others); a legend when there are at most 12 groups. Drawn without
+        pyplot, so the caller's matplotlib backend is untouched.
+
+        Parameters
+        ----------
+        path : str or Path
+            The image file, written by matplotlib's ``savefig`` at 100 dpi (the format follows
+            the extension).
 
         Raises
         ------
@@ -947,7 +1012,20 @@ class PreservationHandle:
 
     # ------------------------------------------------------------------ persistence & cleanup
     def save(self, path: str | Path) -> None:
-        """Write statistics, ``W₀`` and configuration to a safetensors file (see :func:`load`)."""
+        """Write statistics, ``W₀`` and configuration to a safetensors file (see :func:`load`).
+
+        The file holds the calibration statistics, the task statistics of a pre-pass, the ``C_t``
+        each current basis was solved with, the online window tracked since the last refresh (and
+        its generator), the ``W₀`` snapshots, the configuration (a callable gate as
+        ``"<callable>"``), the layers' shapes and the step count; no optimizer state.
+        :func:`~rqcore_torch.load` rebuilds the handle and
+        :meth:`CalibrationStatistics.load` reads its calibration statistics.
+
+        Parameters
+        ----------
+        path : str or Path
+            The file to write.
+        """
         from rqcore_torch.persistence import save_handle
 
         save_handle(self, path)
@@ -960,9 +1038,10 @@ class PreservationHandle:
         """Detach every hook this handle attached.
 
         The model then runs as without ``preserve()``, with its parameters as trained. An optimizer
-        the handle built or wrapped keeps its current gates but no longer refreshes them. Adapters that
-        ``preserve(..., lora=...)`` added stay in the model, because they hold the finetuning: merge or
-        unload them with PEFT (e.g. ``peft.tuners.lora`` layers' ``merge()``), or save them first.
+        the handle built or wrapped keeps its current gates but no longer refreshes them. Adapters
+        that ``preserve(..., lora=...)`` added stay in the model, because they hold the finetuning:
+        merge or unload them with PEFT (e.g. ``peft.tuners.lora`` layers' ``merge()``), or save
+        them first.
         """
         if self._online is not None:
             self._online.remove()

@@ -292,36 +292,153 @@ class GatedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ delegation
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """The base optimizer's ``zero_grad``."""
+        """The base optimizer's ``zero_grad``.
+
+        Delegated: the base's own ``zero_grad`` runs (with its defaults and any override it has),
+        not torch's implementation on the wrapper.
+
+        Parameters
+        ----------
+        set_to_none : bool, default True
+            Set the gradients to None instead of zeroing them, as in torch.
+        """
         self._optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the base optimizer (its parameters step ungated until :meth:`set_layers`)."""
+        """Add a group to the base optimizer; its parameters step ungated until :meth:`set_layers`.
+
+        The group goes into the base's ``param_groups``, which the wrapper shares, so it is
+        stepped by the base like any other group.
+
+        Parameters
+        ----------
+        param_group : dict
+            As for :meth:`torch.optim.Optimizer.add_param_group` of the base optimizer.
+
+        Raises
+        ------
+        TypeError
+            From the base's ``add_param_group``: not a dict, parameters in a set, or a non-tensor.
+        ValueError
+            From the base's ``add_param_group``: e.g. a parameter already in a group, or a
+            non-leaf tensor.
+        """
         self._optimizer.add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict (the gates are not optimizer state)."""
+        """The base optimizer's state dict (the gates are not optimizer state).
+
+        Returns
+        -------
+        dict
+            The base's :meth:`torch.optim.Optimizer.state_dict`, after the state-dict hooks
+            registered on the wrapper (which live on the base) ran.
+        """
         return self._optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load into the base optimizer; the gates and buffers are unchanged."""
+        """Load into the base optimizer; the gates and buffers are unchanged.
+
+        The base replaces its ``param_groups`` and ``state``, which the wrapper then reads. The
+        gates are not in the state dict: after loading one saved with other bases, pass the
+        matching gates to :meth:`set_layers` (an optimizer built by
+        :class:`~rqcore_torch.PreservationHandle` does it in its load hook).
+
+        Parameters
+        ----------
+        state_dict : dict
+            From :meth:`state_dict` (of this wrapper or of a base optimizer of the same kind over
+            the same parameter groups).
+
+        Raises
+        ------
+        ValueError
+            What the base's ``load_state_dict`` raises, e.g. for another number of parameter groups
+            or of parameters in a group.
+        """
         self._optimizer.load_state_dict(state_dict)
 
     # State-dict hooks registered on the wrapper go to the base, whose state_dict runs them.
     def register_state_dict_pre_hook(self, hook: Any, prepend: bool = False) -> Any:
-        """Register on the base optimizer (see ``torch.optim.Optimizer``)."""
+        """Register on the base optimizer (see ``torch.optim.Optimizer``).
+
+        The base's ``state_dict`` runs the hook, so the hook's ``optimizer`` argument is the
+        base optimizer, not the wrapper.
+
+        Parameters
+        ----------
+        hook : callable
+            ``hook(optimizer) -> None``, called before the base builds its state dict.
+        prepend : bool, default False
+            Run it before the hooks already registered (on the base) instead of after them.
+
+        Returns
+        -------
+        torch.utils.hooks.RemovableHandle
+            ``handle.remove()`` unregisters the hook.
+        """
         return self._optimizer.register_state_dict_pre_hook(hook, prepend=prepend)
 
     def register_state_dict_post_hook(self, hook: Any, prepend: bool = False) -> Any:
-        """Register on the base optimizer (see ``torch.optim.Optimizer``)."""
+        """Register on the base optimizer (see ``torch.optim.Optimizer``).
+
+        The base's ``state_dict`` runs the hook, so the hook's ``optimizer`` argument is the
+        base optimizer, not the wrapper.
+
+        Parameters
+        ----------
+        hook : callable
+            ``hook(optimizer, state_dict) -> state_dict or None``, called on the state dict
+            the base built; it may change it in place or return a new one.
+        prepend : bool, default False
+            Run it before the hooks already registered (on the base) instead of after them.
+
+        Returns
+        -------
+        torch.utils.hooks.RemovableHandle
+            ``handle.remove()`` unregisters the hook.
+        """
         return self._optimizer.register_state_dict_post_hook(hook, prepend=prepend)
 
     def register_load_state_dict_pre_hook(self, hook: Any, prepend: bool = False) -> Any:
-        """Register on the base optimizer (see ``torch.optim.Optimizer``)."""
+        """Register on the base optimizer (see ``torch.optim.Optimizer``).
+
+        The base's ``load_state_dict`` runs the hook, so the hook's ``optimizer`` argument is the
+        base optimizer, not the wrapper.
+
+        Parameters
+        ----------
+        hook : callable
+            ``hook(optimizer, state_dict) -> state_dict or None``, called with a shallow
+            copy of the state dict before the base loads it; it may change it or return a new one.
+        prepend : bool, default False
+            Run it before the hooks already registered (on the base) instead of after them.
+
+        Returns
+        -------
+        torch.utils.hooks.RemovableHandle
+            ``handle.remove()`` unregisters the hook.
+        """
         return self._optimizer.register_load_state_dict_pre_hook(hook, prepend=prepend)
 
     def register_load_state_dict_post_hook(self, hook: Any, prepend: bool = False) -> Any:
-        """Register on the base optimizer (see ``torch.optim.Optimizer``)."""
+        """Register on the base optimizer (see ``torch.optim.Optimizer``).
+
+        The base's ``load_state_dict`` runs the hook, so the hook's ``optimizer`` argument is the
+        base optimizer, not the wrapper.
+
+        Parameters
+        ----------
+        hook : callable
+            ``hook(optimizer) -> None``, called after the base loaded a state dict.
+        prepend : bool, default False
+            Run it before the hooks already registered (on the base) instead of after them.
+
+        Returns
+        -------
+        torch.utils.hooks.RemovableHandle
+            ``handle.remove()`` unregisters the hook.
+        """
         return self._optimizer.register_load_state_dict_post_hook(hook, prepend=prepend)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -367,10 +367,22 @@ class TorchCovariance:
         For shrinkage, convert with :meth:`to_core` and use
         :meth:`rqcore.StreamingCovariance.covariance`.
 
+        Parameters
+        ----------
+        ddof : float, default 0
+            Subtracted from :attr:`total_weight` in the denominator (``ddof=1``: the unbiased
+            estimate of a centered accumulator).
+
+        Returns
+        -------
+        Tensor of shape (dim, dim)
+            A fresh, exactly symmetric float64 tensor on :attr:`device`.
+
         Raises
         ------
         ValueError
-            If no data has been accumulated (one host synchronization to check).
+            If ``total_weight − ddof <= 0``, e.g. no data has been accumulated (one host
+            synchronization to check).
         """
         self._ensure_placed()
         if self._core is not None:
@@ -391,6 +403,14 @@ class TorchCovariance:
 
         See :meth:`rqcore.StreamingCovariance.state_dict`; ``StreamingCovariance.from_state_dict``
         accepts the result and :meth:`from_state_dict` accepts the core's.
+
+        Returns
+        -------
+        dict of str to ndarray
+            Fresh host arrays under the core's ten keys (``format_version``, ``dim``, ``centered``,
+            ``decay``, ``count``, ``total_weight``, ``sum``, ``scatter``, ``third``, ``fourth``);
+            an overflowed fourth moment is ``+inf``. :attr:`skipped_batches` is not part of it.
+            With the torch backend, reading the totals synchronizes the host.
         """
         self._ensure_placed()
         if self._core is not None:
@@ -425,6 +445,26 @@ class TorchCovariance:
         """Rebuild from a state dict of this class or of :class:`rqcore.StreamingCovariance`.
 
         The state is validated by the core (keys, version, shapes, finiteness) before use.
+
+        Parameters
+        ----------
+        state : mapping
+            The keys of :meth:`state_dict`, values array-like.
+        device : torch.device or str, optional
+            Where the totals live (default: the CPU).
+        backend : {"auto", "core", "torch"}, default "auto"
+            As in the constructor.
+
+        Returns
+        -------
+        TorchCovariance
+            Placed on ``device``, with the state's ``dim``, ``centered`` and ``decay``.
+
+        Raises
+        ------
+        ValueError
+            If the core rejects the state (see :meth:`rqcore.StreamingCovariance.from_state_dict`),
+            on an unknown ``backend``, or for ``backend="core"`` with a non-CPU ``device``.
         """
         core = StreamingCovariance.from_state_dict(state)
         acc = cls(core.dim, centered=core.centered, decay=core.decay, backend=backend)
@@ -440,7 +480,21 @@ class TorchCovariance:
         return acc
 
     def to_core(self) -> StreamingCovariance:
-        """A :class:`rqcore.StreamingCovariance` holding the same state (on the host; a copy)."""
+        """A :class:`rqcore.StreamingCovariance` holding the same state (on the host; a copy).
+
+        Returns
+        -------
+        rqcore.StreamingCovariance
+            Independent of this accumulator: updating either leaves the other unchanged.
+            :attr:`skipped_batches` is not carried over (the core has no such counter).
+
+        Examples
+        --------
+        >>> import torch
+        >>> acc = TorchCovariance(2).update(torch.ones(3, 2))
+        >>> acc.to_core().count
+        3
+        """
         self._ensure_placed()
         if self._core is not None:
             return self._core.copy()

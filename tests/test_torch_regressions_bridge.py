@@ -400,3 +400,24 @@ def test_removed_handle_does_not_refresh_its_optimizer(method, cls):
     handle.remove()
     _train(model, opt, 4, seed=2)
     assert refreshes == [2]
+
+
+def test_a_refresh_with_nothing_tracked_says_so(caplog):
+    # Tracking runs only in train mode with grad enabled; a run that trains in eval() mode (to turn
+    # dropout off) got the pre-pass or placeholder C_t at every refresh without a word.
+    model = _mlp()
+    handle = preserve(model, _data(), method="gate", refresh_every=2, progress=False)
+    opt = handle.optimizer(torch.optim.SGD, lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    model.eval()
+    with caplog.at_level(logging.WARNING, logger="rqcore_torch"):
+        for _ in range(2):
+            model(torch.randn(8, 6, generator=g)).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert any("no task statistics were tracked" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rqcore_torch"):
+        _train(model, opt, 2, seed=2)  # train mode: tracked, no warning
+    assert not any("no task statistics were tracked" in r.getMessage() for r in caplog.records)
+    handle.remove()
