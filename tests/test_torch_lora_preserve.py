@@ -61,7 +61,7 @@ def test_lora_a_starts_in_the_top_r_generalized_eigenvectors_with_the_peft_row_n
         coef = torch.linalg.lstsq(V, A.T).solution
         assert torch.linalg.norm(V @ coef - A.T) < 1e-6 * torch.linalg.norm(A)
         # they are those eigenvectors (rescaled), so M-orthogonal: A M Aᵀ diagonal
-        M = torch.as_tensor(basis.B) + basis.reg_used * torch.eye(A.shape[1], dtype=torch.float64)
+        M = torch.tensor(basis.B) + basis.reg_used * torch.eye(A.shape[1], dtype=torch.float64)
         G = A @ M @ A.T
         off = G - torch.diag(torch.diagonal(G))
         assert off.abs().max() < 1e-6 * torch.diagonal(G).abs().max()
