@@ -83,7 +83,7 @@ def test_lora_a_starts_in_the_top_r_generalized_eigenvectors_with_the_peft_row_n
     forced = _peft_bert(r=4)
     handle = preserve(forced, calibration_batches(), progress=False)
     for name, mod in _lora_modules(forced).items():
-        V = torch.as_tensor(handle.projector(name).vectors[:, :4])
+        V = torch.tensor(handle.projector(name).vectors[:, :4])
         A = mod.lora_A["default"].weight.detach().double()
         coef = torch.linalg.lstsq(V, A.T).solution
         assert torch.linalg.norm(V @ coef - A.T) < 1e-6 * torch.linalg.norm(A)
