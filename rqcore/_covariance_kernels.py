@@ -49,7 +49,9 @@ def batch_stats(
             colsum[j] += wi * v
             colmax[j] = max(colmax[j], abs(v))
         wsum += wi
-        q4 += wi * (r * r)
+        # A zero-weight row adds nothing, even where r² would overflow; r·0 still carries a NaN/Inf
+        # of the row into q4 for the finiteness check (no fast-math "nnan"/"ninf" to fold it away).
+        q4 += wi * (r * r) if wi != 0.0 else r * 0.0
     return wsum, q4
 
 

@@ -82,7 +82,7 @@ def check_symmetric(a: NDArray[np.floating[Any]], name: str, *, rtol: float | No
 
 def as_real(x: Any, name: str) -> float:
     """``x`` as a float, or a TypeError naming the parameter (strings and bools are not numbers here)."""
-    if isinstance(x, (str, bytes, bool)):
+    if isinstance(x, (str, bytes, bool, np.bool_)):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}.")
     try:
         return float(x)

@@ -130,10 +130,11 @@ def _check_norm_finite(norm: float, name: str) -> None:
     The residual measure divides by that norm: an infinite one reads every pair as converged.
     """
     if not math.isfinite(norm):
+        factor = "the same factor" if name == "A" else "the inverse factor"
         raise ValueError(
             f"‖{name}‖₁ overflows float64 although its entries are finite; scale {name} down "
             f"(e.g. {name} / np.abs({name}).max()): the eigenvectors do not change and the "
-            "eigenvalues scale by the same factor."
+            f"eigenvalues scale by {factor}."
         )
 
 
@@ -235,10 +236,15 @@ def pair_residuals(
             "block of vectors and one eigenvalue per column."
         )
     d = V.shape[0]
+    if d == 0:
+        raise ValueError("vectors has 0 rows: the pencil needs d >= 1.")
     if tuple(np.shape(A)) != (d, d):
         raise ValueError(f"A has shape {np.shape(A)} but vectors has {d} rows; they must agree.")
     check_finite(V, "vectors")
     check_finite(lam, "values")
+    reg = as_real(reg, "reg")
+    if not (math.isfinite(reg) and reg >= 0):
+        raise ValueError(f"reg must be a finite number >= 0, got {reg}.")
     if isinstance(B, Pencil) or B is None:
         pencil = B if isinstance(B, Pencil) else Pencil(None, dim=d)
         if pencil.dim != d:
@@ -248,20 +254,20 @@ def pair_residuals(
             norms = (_operator_one_norm(A), pencil.one_norm)
     else:
         # Multiply only: a Pencil would factor B + εI, which needs it definite and costs O(d³).
-        reg = as_real(reg, "reg")
-        if not (math.isfinite(reg) and reg >= 0):
-            raise ValueError(f"reg must be a finite number >= 0, got {reg}.")
         if scipy.sparse.issparse(B):
             B = B.toarray()
         B64 = as_float_array(B, "B", ndim=2).astype(np.float64, copy=False)
         if B64.shape != (d, d):
             raise ValueError(f"B has shape {B64.shape} but vectors has {d} rows; they must agree.")
         check_finite(B64, "B")
-        trace = float(np.trace(B64))
-        eps = reg * (trace / d if trace > 0 else 1.0)
+        with np.errstate(over="ignore"):  # an overflow is refused just below
+            trace = float(np.trace(B64))
+            eps = reg * (trace / d if trace > 0 else 1.0)
+            m_norm = max_abs_column_sum(B64) + eps
+        _check_norm_finite(m_norm, "B")  # an infinite ‖M‖₁ would read every pair as exact
         MV = B64 @ V + eps * V
         if norms is None:
-            norms = (_operator_one_norm(A), max_abs_column_sum(B64) + eps)
+            norms = (_operator_one_norm(A), m_norm)
     AV = np.asarray(A @ V, dtype=np.float64)
     return _residual_measures(AV, MV, lam, V, norms)
 

@@ -597,11 +597,11 @@ def test_from_state_dict_rejects_invalid_values(key, value, match):
 def test_from_state_dict_rejects_a_scatter_that_is_not_positive_semidefinite(rng):
     good = _populated(rng).state_dict()
     flipped = {**good, "scatter": -good["scatter"]}  # negative definite: a tampered file
-    with pytest.raises(ValueError, match="not positive semidefinite"):
+    with pytest.raises(ValueError, match="cannot be positive semidefinite"):
         StreamingCovariance.from_state_dict(flipped)
     s = good["scatter"].copy()
-    s[0, 1] = s[1, 0] = 1.01 * np.sqrt(s[0, 0] * s[1, 1])  # positive diagonal, indefinite
-    with pytest.raises(ValueError, match="not positive semidefinite"):
+    s[0, 1] = s[1, 0] = 1.5 * np.sqrt(s[0, 0] * s[1, 1])  # positive diagonal, indefinite
+    with pytest.raises(ValueError, match="cannot be positive semidefinite"):
         StreamingCovariance.from_state_dict({**good, "scatter": s})
 
 
@@ -660,3 +660,42 @@ def test_shrinkage_intensities_are_scale_invariant(method, factor):
     unit = StreamingCovariance(5, centered=True).update(X)
     scaled = StreamingCovariance(5, centered=True).update(X * factor)  # exact: a power of two
     assert scaled.shrinkage_intensity(method) == pytest.approx(unit.shrinkage_intensity(method))
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_float32_states_round_trip_through_the_semidefinite_check(centered):
+    # ssyrk's float32 sums over 4096 rows break Cauchy–Schwarz by ~4e-6 on constant or ±1 columns;
+    # such states were refused by copy(), pickle and merged().
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((4096, 16)).astype(np.float32)
+    X[:, 0] = 1.0
+    X[:, 1] = 0.37
+    X[:, 2] = np.sign(X[:, 3])
+    X[:, 4] = X[:, 2]
+    for seed in range(5):
+        acc = StreamingCovariance(16, centered=centered).update(np.roll(X, seed, axis=0))
+        assert pickle.loads(pickle.dumps(acc)) == acc
+        assert StreamingCovariance.merged([acc, acc.copy()]).total_weight == 2 * 4096
+
+
+def test_centered_updates_with_extreme_total_weights_stay_consistent():
+    # na·nb·(na³ + nb³)/n⁴ on Python floats raised OverflowError (weights 1e78) or ZeroDivisionError
+    # (1e-100) after the scatter had been updated: a half-updated accumulator.
+    X = np.array([[1.0, 2.0], [3.0, 5.0], [0.0, 1.0]])
+    unit = StreamingCovariance(2, centered=True)
+    unit.update(X[:2], weights=[1.0, 1.0]).update(X[2:], weights=[1.0])
+    for w in (1e78, 1e-100):
+        acc = StreamingCovariance(2, centered=True)
+        acc.update(X[:2], weights=[w, w]).update(X[2:], weights=[w])
+        np.testing.assert_allclose(acc.covariance(), unit.covariance(), rtol=1e-12)
+        assert pickle.loads(pickle.dumps(acc)) == acc
+
+
+def test_zero_weight_rows_do_not_touch_the_fourth_moment():
+    acc = StreamingCovariance(2).update(np.array([[1.0, 2.0], [1e80, 1e80]]), weights=[1.0, 0.0])
+    ref = StreamingCovariance(2).update(np.array([[1.0, 2.0]]))
+    assert acc.state_dict()["fourth"] == ref.state_dict()["fourth"] == 25.0
+    assert acc.shrinkage_intensity("ledoit-wolf") == ref.shrinkage_intensity("ledoit-wolf")
+    for bad in (np.nan, np.inf):  # a zero weight does not hide a non-finite entry
+        with pytest.raises(ValueError, match="non-finite"):
+            StreamingCovariance(2).update(np.array([[1.0, 2.0], [bad, 1.0]]), weights=[1.0, 0.0])

@@ -1104,3 +1104,17 @@ def test_lobpcg_uses_a_preconditioner_that_is_not_m_inverse():
     res = generalized_topk(A, B, 4, reg=1e-3, method="lobpcg", largest=False, M=precond, seed=0)
     assert calls and res.converged and res.iterations <= 20
     check_result(res, A, Mreg, 4, False)
+
+
+def test_pair_residuals_refuses_an_array_b_whose_norm_overflows():
+    B = np.full((3, 3), 1e308)  # finite entries, ‖B‖₁ = 3e308
+    with pytest.raises(ValueError, match="‖B‖₁ overflows float64"):
+        pair_residuals(np.eye(3), B, [1.0], np.eye(3)[:, :1])
+
+
+@pytest.mark.parametrize("B", [None, "pencil"])
+@pytest.mark.parametrize("reg", ["x", np.True_])
+def test_pair_residuals_checks_reg_whatever_b(B, reg):
+    B = Pencil(np.eye(3)) if B == "pencil" else None
+    with pytest.raises(TypeError, match="reg must be a real number"):
+        pair_residuals(np.eye(3), B, [1.0], np.eye(3)[:, :1], reg=reg)

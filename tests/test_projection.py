@@ -545,3 +545,16 @@ def test_out_is_returned_itself_for_one_row():
         res = call(out)
         assert res is out
         np.testing.assert_array_equal(res, call(None))
+
+
+def test_pickled_bases_stay_read_only():
+    import copy
+    import pickle
+
+    basis = RayleighBasis.from_pencil(np.diag([3.0, 2.0, 1.0]), None, k=2)
+    basis.apply(np.ones((2, 3), dtype=np.float32))  # fills the float32 cast cache
+    proj = NullspaceProjector(np.diag([3.0, 2.0, 1e-9]), energy=0.9)
+    for obj, name in ((basis, "vectors"), (basis, "MV"), (basis, "values"), (proj, "basis")):
+        for again in (pickle.loads(pickle.dumps(obj)), copy.deepcopy(obj)):
+            with pytest.raises(ValueError, match="read-only"):
+                getattr(again, name)[...] = 0.0
