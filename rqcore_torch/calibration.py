@@ -599,7 +599,11 @@ class _InputCollector:
         group = entry.group
         if self.share_inputs and self._match(key, group):
             return  # the same tensor already went into this group's accumulator
-        self._consumed.setdefault(group, []).append((key, weakref.ref(x)))
+        # Dead entries go: the root hook that clears the list per forward does not fire when a
+        # training loop calls a child module directly, and the list would grow every step.
+        alive = [(k, ref) for k, ref in self._consumed.get(group, ()) if ref() is not None]
+        alive.append((key, weakref.ref(x)))
+        self._consumed[group] = alive
         # Statistics never take part in backprop: during online tracking x comes from a training
         # forward and requires grad. The weak reference above stays on x itself (a detached alias
         # would die at once and break input sharing); only the rows are detached.

@@ -185,6 +185,15 @@ class PreserveConfig:
     lora_refresh_every: int | None = 25
 
     def __post_init__(self) -> None:
+        for name in ("method", "lora_init", "lora_b", "lora_b_tau"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}.")
+        if not callable(self.gate) and not isinstance(self.gate, str):
+            raise TypeError(f"gate must be a string or a callable, got {self.gate!r}.")
+        for name in ("share_inputs", "progress"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+            setattr(self, name, bool(getattr(self, name)))
         if self.method not in METHODS:
             raise ValueError(
                 f'method must be one of {METHODS}, got {self.method!r}; use method="folora" '
@@ -214,7 +223,23 @@ class PreserveConfig:
                 f"tau_fraction must lie strictly in (0, 1), got {self.tau_fraction!r}."
             )
         self.tau_fraction = p
-        self.gate_options = dict(self.gate_options)
+        if self.gate_options is None:
+            self.gate_options = {}
+        if not isinstance(self.gate_options, Mapping):
+            raise TypeError(
+                f"gate_options must be a mapping such as {{'temperature': 0.5}}, got "
+                f"{self.gate_options!r}."
+            )
+        # Plain Python numbers: the configuration is saved as JSON (numpy scalars are not).
+        self.gate_options = {
+            str(k): v.item() if isinstance(v, np.generic) else v
+            for k, v in self.gate_options.items()
+        }
+        for key, value in self.gate_options.items():
+            if key == "rank" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"gate_options['rank'] must be an int, got {value!r}.")
+            if key != "rank" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise TypeError(f"gate_options[{key!r}] must be a number, got {value!r}.")
         if self.gate == "hard" and "rank" not in self.gate_options:
             raise ValueError(
                 'gate="hard" needs the number of directions to keep: pass gate_options={"rank": r}.'
@@ -260,6 +285,8 @@ class PreserveConfig:
             isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
         ):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}.")
+        if self.seed is not None:
+            self.seed = int(self.seed)  # saved as JSON: no numpy integers
 
         if self.lora_init not in LORA_INITS:
             raise ValueError(

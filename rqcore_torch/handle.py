@@ -163,11 +163,12 @@ class PreservationHandle:
         ``[W₀ | b₀]`` snapshots (default: the current weights).
     step : int, default 0
         Optimizer steps already taken (restored by :func:`~rqcore_torch.load`).
-    task_covariances : dict of str to Tensor, optional
-        Per group, the ``C_t`` to solve the first bases with instead of the task statistics
-        (restored by :func:`~rqcore_torch.load`: the ``C_t`` the saved handle's bases were solved
-        with, which may come from an online window reset since). Later refreshes use the task
-        statistics again.
+    bases : dict of str to dict of Tensor, optional
+        A restored handle (what :func:`~rqcore_torch.load` passes): per group, the basis to install
+        instead of the first solve, as saved (``values``, ``vectors``, ``dual`` = ``M V``, ``A`` =
+        the ``C_t`` it was solved with). Groups it lacks are solved as usual; later refreshes solve
+        from the task statistics. A restored handle keeps LoRA adapters as they are
+        (no ``lora_init``).
 
     Notes
     -----
@@ -200,7 +201,7 @@ class PreservationHandle:
         task_statistics: CalibrationStatistics | None = None,
         w0: dict[str, torch.Tensor] | None = None,
         step: int = 0,
-        task_covariances: dict[str, torch.Tensor] | None = None,
+        bases: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -226,12 +227,12 @@ class PreservationHandle:
         self._lora_pencils: dict[str, tuple[str, LoRAPencil]] = {}
         # Read by the first solve only: a loaded handle's bases are the saved ones, and its
         # refreshes then track (and fall back) exactly as the saved handle's would.
-        self._restored_task_cov = dict(task_covariances or {})
+        self._restored_bases = dict(bases or {})
         if config.method != "none":
             self._solve_all()
-        self._restored_task_cov = {}
-        if config.method == "folora" and config.lora_init == "basis":
-            self._init_lora_from_basis()
+        self._restored_bases = {}
+        if config.method == "folora" and config.lora_init == "basis" and bases is None:
+            self._init_lora_from_basis()  # not on a restore: lora_A holds the saved training
         if config.method == "gate" and config.refresh_every is not None:
             self._attach_online()
         elif config.method == "folora" and (
@@ -249,9 +250,6 @@ class PreservationHandle:
         return list(seen)
 
     def _task_covariance(self, group: str, Cp: torch.Tensor) -> torch.Tensor:
-        restored = self._restored_task_cov.get(group)
-        if restored is not None:
-            return restored.to(device=Cp.device, dtype=torch.float64)
         for stats in (self._online_stats, self.task_statistics):
             if stats is not None and group in stats.groups:
                 acc = stats.groups[group]
@@ -269,10 +267,26 @@ class PreservationHandle:
             return
         d = Cp.shape[0]
         k = min(cfg.rank or d, d)
-        Ct = self._task_covariance(group, Cp)
+        saved = self._restored_bases.get(group)
+        if saved is not None:
+            Ct = saved["A"].to(device=Cp.device, dtype=torch.float64)
+        else:
+            Ct = self._task_covariance(group, Cp)
         if cfg.lora_b == "pencil" and any(t.kind == "lora" for t in self.targets):
             self._task_cov[group] = Ct  # lora_B pencils re-solve with it (one d×d per group)
         rule = _gain_rule(cfg)
+        if saved is not None:  # a restored handle: the saved basis, bit for bit, and no solve
+            self._projectors[group] = RayleighBasis(
+                saved["values"].numpy(),
+                saved["vectors"].numpy(),
+                dual=saved["dual"].numpy(),
+                B=Cp_np,
+                reg_used=float(saved["reg_used"]),
+                A=saved["A"].numpy(),
+                gains=rule,
+                complement=cfg.complement,
+            )
+            return
         reg = cfg.reg
         assert reg is not None  # PreserveConfig.__post_init__ fills it
         if Cp.device.type == "cuda":
@@ -300,7 +314,9 @@ class PreservationHandle:
             elif isinstance(prev, RayleighBasis) and prev.rank == k:
                 v0 = prev.vectors
             Ct_np = Ct.detach().cpu().numpy()
-            result = self._results[group] = generalized_topk(Ct_np, pencil, k, v0=v0)
+            # The config's seed: iterative solves start from a random block, and two runs with the
+            # same seed must give the same bases (and so the same training run).
+            result = self._results[group] = generalized_topk(Ct_np, pencil, k, v0=v0, seed=cfg.seed)
             basis = RayleighBasis.from_result(
                 result, A=Ct_np, gains=rule, complement=cfg.complement
             )
@@ -765,6 +781,7 @@ class PreservationHandle:
                     "values": torch.from_numpy(proj.values.copy()),
                     "vectors": torch.from_numpy(proj.vectors.copy()),
                     "dual": torch.from_numpy(proj.MV.copy()),
+                    "reg_used": torch.tensor(proj.reg_used, dtype=torch.float64),
                 }
                 if isinstance(proj.A, np.ndarray):
                     entry["A"] = torch.from_numpy(proj.A.copy())

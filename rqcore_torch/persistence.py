@@ -1,8 +1,9 @@
 """Saving and loading a :class:`~rqcore_torch.PreservationHandle` without pickle.
 
 One safetensors file holds the tensors (calibration statistics, the task statistics of a pre-pass,
-the ``C_t`` each group's current basis was solved with, the window of task statistics tracked online
-since the last refresh and the generator of its token subsample, ``W₀`` snapshots) and a JSON
+each group's current basis with the ``C_t`` it was solved with, the window of task statistics
+tracked online since the last refresh and the generator of its token subsample, ``W₀`` snapshots)
+and a JSON
 metadata string (format, version, configuration, layer names, kinds and shapes, step). Loading never
 unpickles code; it checks the schema, then that the model has the same layers with the same shapes, and
 says precisely what does not match.
@@ -18,7 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from rqcore import RayleighBasis
 from rqcore_torch.calibration import CalibrationStatistics, _read_safetensors
 from rqcore_torch.config import PreserveConfig
 from rqcore_torch.targets import Target, resolve_targets
@@ -59,10 +59,11 @@ def save_handle(handle: PreservationHandle, path: str | Path) -> None:
     tensors.update({f"stats/{k}": v for k, v in stats_t.items()})
     task_meta = online_meta = None
     # Three things, each restored to its place. The task statistics of a pre-pass (what a refresh
-    # falls back to for a group the online window missed). The C_t each basis was solved with: after
-    # a refresh (FoLoRA's warm-up included) it came from an online window that was reset since, so
-    # neither of the others holds it. And the online window in progress (mid-warm-up too), so the
-    # next refresh sees the same statistics as without the save.
+    # falls back to for a group the online window missed). The current bases with the C_t each was
+    # solved with: after a refresh (FoLoRA's warm-up included) that C_t came from an online window
+    # reset since, so neither of the others holds it; and installing the bases spares a solve. And
+    # the online window in progress (mid-warm-up too), so the next refresh sees the same statistics
+    # as without the save.
     task = handle.task_statistics
     online = handle._online_stats
     if online is not None and online.groups:
@@ -70,9 +71,8 @@ def save_handle(handle: PreservationHandle, path: str | Path) -> None:
         tensors.update({f"online/{k}": v for k, v in online_t.items()})
     if handle._online is not None:  # the token subsample's draws continue after a load
         tensors["online_generator"] = handle._online.generator.get_state()
-    for group, proj in handle._projectors.items():
-        if isinstance(proj, RayleighBasis) and isinstance(proj.A, np.ndarray):
-            tensors[f"solved/{group}"] = torch.from_numpy(np.array(proj.A, dtype=np.float64))
+    for group, entry in handle._bases_state().items():  # the bases themselves, bit for bit
+        tensors.update({f"bases/{group}/{k}": v.contiguous() for k, v in entry.items()})
     if task is not None and task.groups:
         task_t, task_meta = task.state_dict()
         tensors.update({f"task/{k}": v for k, v in task_t.items()})
@@ -196,9 +196,12 @@ def load(path: str | Path, model: nn.Module, **overrides: Any) -> PreservationHa
             if t.name not in w0_t:
                 raise ValueError(f"{path}: the W₀ snapshot of {t.name!r} is missing.")
             w0[t.name] = w0_t[t.name].to(t.gated[0][1].device)
-    # Files written before the C_t of the bases was saved have no "solved/" section: their bases are
-    # re-solved from the task statistics, as before.
-    solved = section("solved/")
+    # Files written before the bases were saved have no "bases/" section: their bases are re-solved
+    # from the task statistics, as before.
+    bases: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in section("bases/").items():
+        group, _, field = key.rpartition("/")
+        bases.setdefault(group, {})[field] = value
     handle = PreservationHandle(
         model,
         config,
@@ -207,7 +210,7 @@ def load(path: str | Path, model: nn.Module, **overrides: Any) -> PreservationHa
         task_statistics=task,
         w0=w0,
         step=int(meta["step"]),
-        task_covariances=solved or None,
+        bases=bases,
     )
     if handle._online is not None and "online_generator" in tensors:
         handle._online.generator.set_state(tensors["online_generator"])

@@ -248,8 +248,22 @@ class TorchCovariance:
             torch.isfinite(torch.diagonal(batch["scatter"])).all()
             & torch.isfinite(batch["sum"]).all()
         )
+        if check_finite and not bool(finite) and X.dtype != torch.float64:
+            if bool(torch.isfinite(X).all()):
+                # Finite data whose float32 products overflow (entries beyond ~1e19): sum in
+                # float64, as the core does for such batches.
+                batch = self._batch_moments(X.to(torch.float64), weights)
+                finite = (
+                    torch.isfinite(torch.diagonal(batch["scatter"])).all()
+                    & torch.isfinite(batch["sum"]).all()
+                )
         if check_finite and not bool(finite):
             bad = ~torch.isfinite(X)
+            if not bool(bad.any()):
+                raise ValueError(
+                    "the batch's second moments overflow float64 (entries near 1e154); rescale the "
+                    "data. The statistics are unchanged."
+                )
             raise ValueError(
                 f"X contains {int(bad.sum())} non-finite value(s) (NaN or Inf); the statistics are "
                 "unchanged. Find where the activations overflow (e.g. a float16 model) and fix it."

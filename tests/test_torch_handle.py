@@ -185,9 +185,26 @@ def test_cuda_gate_matches_cpu():
         {"rank": 2.0},
         {"refresh_every": "10"},
         {"seed": 1.5},
+        {"share_inputs": "yes"},
+        {"progress": None},
+        {"method": 5},
+        {"gate_options": "abc"},
+        {"gate_options": {"rank": "3"}},
     ],
 )
 def test_config_wrong_types_are_type_errors_naming_the_field(kwargs):
     (name,) = kwargs
     with pytest.raises(TypeError, match=name):
         PreserveConfig(**kwargs)
+
+
+def test_config_takes_numpy_scalars_as_plain_numbers(tmp_path):
+    # A numpy seed was accepted, then json.dumps failed in save(), after the training.
+    config = PreserveConfig(
+        method="gate", gate="hard", gate_options={"rank": np.int64(3)}, seed=np.int64(1)
+    )
+    assert type(config.seed) is int and type(config.gate_options["rank"]) is int
+    assert PreserveConfig(gate_options=None).gate_options == {}
+    model, calib, _ = anisotropic_mlp_setup()
+    handle = preserve(model, calib, progress=False, seed=np.int64(1))
+    handle.save(tmp_path / "h.safetensors")

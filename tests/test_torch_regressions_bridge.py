@@ -421,3 +421,103 @@ def test_a_refresh_with_nothing_tracked_says_so(caplog):
         _train(model, opt, 2, seed=2)  # train mode: tracked, no warning
     assert not any("no task statistics were tracked" in r.getMessage() for r in caplog.records)
     handle.remove()
+
+
+def test_same_seed_same_bases_on_the_iterative_path():
+    # Layer "0" has d = 65 and rank 4: a Lanczos solve from a random block, which ignored the
+    # config's seed (vectors differed in sign, weights by 1e-11 after ten steps).
+    runs = []
+    for _ in range(2):
+        model = _mlp(d=64)
+        handle = preserve(
+            model, _data(d=64), method="gate", rank=4, refresh_every=3, seed=0, progress=False
+        )
+        opt = handle.optimizer(torch.optim.SGD, lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(7):
+            model(torch.randn(8, 64, generator=g)).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append((handle.projector("0").vectors.copy(), model.state_dict()))
+        handle.remove()
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    for key, value in runs[0][1].items():
+        torch.testing.assert_close(value, runs[1][1][key], rtol=0, atol=0)
+
+
+def test_load_installs_the_saved_bases_without_solving(tmp_path, monkeypatch):
+    model = _mlp(d=64)
+    handle = preserve(model, _data(d=64), method="gate", rank=4, refresh_every=3, progress=False)
+    opt = handle.optimizer(torch.optim.SGD, lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):  # past a (warm-started, iterative) refresh
+        model(torch.randn(8, 64, generator=g)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    path = tmp_path / "h.safetensors"
+    handle.save(path)
+    import rqcore_torch.handle as handle_module
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("load() solved a pencil instead of installing the saved basis")
+
+    monkeypatch.setattr(handle_module, "generalized_topk", no_solve)
+    loaded = load(path, model)
+    for name in ("0", "2"):
+        a, b = handle.projector(name), loaded.projector(name)
+        for field in ("values", "vectors", "MV", "gains"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_files_without_saved_bases_still_load(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = _mlp()
+    handle = preserve(model, _data(), method="gate", progress=False)
+    path = tmp_path / "h.safetensors"
+    handle.save(path)
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("bases/")}
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)
+    old = load(tmp_path / "old.safetensors", model)  # re-solved from the statistics
+    np.testing.assert_allclose(old.projector("0").values, handle.projector("0").values, rtol=1e-12)
+
+
+def test_loading_a_lora_handle_keeps_its_adapters(tmp_path, caplog):
+    # load() re-ran lora_init: at step 0 it rewrote lora_A (1e-8 here, 3e-3 in a resumed run),
+    # and later it warned once per adapter that lora_A was kept.
+    model = tiny_bert_classifier(dropout=0.0)
+    handle = preserve(model, calibration_batches(), lora=dict(r=2), progress=False)
+    path = tmp_path / "lora.safetensors"
+    handle.save(path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    with caplog.at_level(logging.WARNING, logger="rqcore_torch"):
+        load(path, model)
+    after = dict(model.named_parameters())
+    for name, value in before.items():
+        torch.testing.assert_close(after[name].detach(), value, rtol=0, atol=0)
+    assert not [r for r in caplog.records if "lora_A is kept" in r.getMessage()]
+
+
+def test_training_through_a_child_module_keeps_the_collector_small():
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    wrap = Wrap()
+    handle = preserve(wrap, _data(), method="gate", refresh_every=1000, progress=False)
+    opt = handle.optimizer(torch.optim.SGD, lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # the root's hook (which clears the list per forward) never runs
+        wrap.body(torch.randn(8, 6, generator=g)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert handle._online is not None
+    assert sum(len(v) for v in handle._online._consumed.values()) <= 4  # grew by 2 per step
+    handle.remove()

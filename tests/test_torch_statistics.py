@@ -170,3 +170,10 @@ def test_overflowing_fourth_moments_match_the_core_on_both_backends(backend, cen
     np.testing.assert_allclose(acc.to_core().covariance(), core.covariance(), rtol=1e-12)
     with pytest.raises(ValueError, match="non-finite"):
         acc.update(torch.tensor([[float("nan"), 0.0, 0.0, 0.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["core", "torch"])
+def test_float32_batches_whose_products_overflow_are_summed_in_float64(backend):
+    X = torch.full((10, 2), 1e19, dtype=torch.float32)  # finite; squares exceed float32
+    acc = TorchCovariance(2, backend=backend).update(X)
+    np.testing.assert_allclose(acc.to_core().covariance(), np.full((2, 2), 1e38), rtol=1e-6)
