@@ -238,6 +238,10 @@ class PreserveConfig:
         for key, value in self.gate_options.items():
             if key == "rank" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise TypeError(f"gate_options['rank'] must be an int, got {value!r}.")
+            if key == "rank" and value < 1:
+                raise ValueError(
+                    f"gate_options['rank'] must be >= 1 (the directions kept), got {value}."
+                )
             if key != "rank" and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise TypeError(f"gate_options[{key!r}] must be a number, got {value!r}.")
         if self.gate == "hard" and "rank" not in self.gate_options:

@@ -152,6 +152,7 @@ def test_method_none_and_folora():
         ({"gate": "hard"}, "gate_options"),
         ({"token_fraction": 0.0}, "token_fraction"),
         ({"refresh_every": 2, "task_window": 5}, "task_window"),
+        ({"gate": "hard", "gate_options": {"rank": 0}}, "rank"),
     ],
 )
 def test_bad_config_raises_before_any_pass(kwargs, match):
