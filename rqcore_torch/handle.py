@@ -670,7 +670,16 @@ class PreservationHandle:
                 raise ValueError(
                     f'method="folora" does not support {flag}=True; use method="gate".'
                 )
-        for k in ("foreach", "fused", "capturable", "differentiable", "decoupled_weight_decay"):
+        # Adam's weight decay is an L2 term in the gradient unless decoupled_weight_decay=True;
+        # FoLoRA decays decoupled (AdamW): refuse a coupled decay rather than change its meaning.
+        decoupled = opts.pop("decoupled_weight_decay", defaults.get("decoupled_weight_decay", True))
+        if float(hyper["weight_decay"] or 0.0) != 0.0 and not decoupled:
+            raise ValueError(
+                f"{cls.__name__} with weight_decay={hyper['weight_decay']} adds an L2 term to the "
+                'gradient, but method="folora" decays decoupled (as AdamW): pass torch.optim.AdamW '
+                "(or Adam with decoupled_weight_decay=True), or weight_decay=0."
+            )
+        for k in ("foreach", "fused", "capturable", "differentiable"):
             opts.pop(k, None)  # implementation switches of torch's Adam: no meaning here
         if opts:
             raise TypeError(f'unexpected optimizer arguments for method="folora": {sorted(opts)}.')
@@ -858,7 +867,8 @@ class PreservationHandle:
         ----------
         cls : type
             For ``method="folora"``: ``torch.optim.AdamW`` (or ``Adam``), whose ``lr``, ``betas``,
-            ``eps`` and ``weight_decay`` (decoupled; AdamW's defaults when omitted) configure a
+            ``eps`` and ``weight_decay`` (decoupled, as AdamW's; ``Adam`` with a coupled
+            ``weight_decay > 0`` is refused; the class's defaults when omitted) configure a
             :class:`~rqcore_torch.FoLoRAAdam` over the target layers (one per trainable gated
             weight, with its bias), every other trainable parameter going to its plain-AdamW group;
             the bases are re-solved and installed with ``set_basis`` after ``task_warmup`` steps (no
@@ -888,7 +898,8 @@ class PreservationHandle:
         TypeError
             For ``method="folora"`` with Adam/AdamW and arguments FoLoRA does not know.
         ValueError
-            For ``method="folora"`` with Adam/AdamW: ``amsgrad=True`` or ``maximize=True``,
+            For ``method="folora"`` with Adam/AdamW: ``amsgrad=True`` or ``maximize=True``, a
+            coupled ``weight_decay > 0`` (``Adam`` without ``decoupled_weight_decay=True``),
             hyperparameters :class:`~rqcore_torch.FoLoRAAdam` rejects (e.g. a negative ``lr``), or
             ``gate_options`` the gate does not take. :func:`~rqcore_torch.preserve` usually rejects
             those options first, when it solves the bases; they reach this method when no solve

@@ -521,3 +521,14 @@ def test_training_through_a_child_module_keeps_the_collector_small():
     assert handle._online is not None
     assert sum(len(v) for v in handle._online._consumed.values()) <= 4  # grew by 2 per step
     handle.remove()
+
+
+def test_folora_refuses_adams_coupled_weight_decay():
+    # torch's Adam adds weight_decay·w to the gradient (L2); FoLoRA decayed it as AdamW silently.
+    handle = preserve(_mlp(), _data(), progress=False)
+    with pytest.raises(ValueError, match="decoupled"):
+        handle.optimizer(torch.optim.Adam, lr=1e-3, weight_decay=0.1)
+    ok = handle.optimizer(torch.optim.Adam, lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True)
+    assert ok.param_groups[0]["weight_decay"] == 0.1
+    assert handle.optimizer(torch.optim.Adam, lr=1e-3) is not None  # no decay: nothing to refuse
+    handle.remove()
