@@ -1320,7 +1320,10 @@ class NullspaceProjector:
     ) -> None:
         self.C = C
         self.values = values
-        self._basis = _frozen(basis)  # read-only: its per-dtype casts are cached
+        # Both callers pass a fresh private array: freeze it in place (its per-dtype casts are
+        # cached), no second d×r copy.
+        basis.flags.writeable = False
+        self._basis = basis
         self.energy = energy
         self.dim, self.rank = basis.shape
         self._cast_cache: dict[np.dtype[Any], FloatArray] = {}
@@ -1498,7 +1501,7 @@ class NullspaceProjector:
                     "the state is inconsistent."
                 )
         obj = cls.__new__(cls)
-        obj._init(C, values, np.array(basis, copy=True), float(state["energy"]))
+        obj._init(C, values, np.array(basis, order="C", copy=True), float(state["energy"]))
         return obj
 
 

@@ -33,11 +33,11 @@ def _data(n: int = 4, d: int = 6, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(16, d, generator=g) for _ in range(n)]
 
 
-def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> None:
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int, d: int = 6) -> None:
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
-        model(torch.randn(8, 6, generator=g)).pow(2).sum().backward()
+        model(torch.randn(8, d, generator=g)).pow(2).sum().backward()
         opt.step()
         opt.zero_grad()
 
@@ -433,11 +433,7 @@ def test_same_seed_same_bases_on_the_iterative_path():
             model, _data(d=64), method="gate", rank=4, refresh_every=3, seed=0, progress=False
         )
         opt = handle.optimizer(torch.optim.SGD, lr=1e-2)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(7):
-            model(torch.randn(8, 64, generator=g)).pow(2).sum().backward()
-            opt.step()
-            opt.zero_grad()
+        _train(model, opt, 7, seed=1, d=64)
         runs.append((handle.projector("0").vectors.copy(), model.state_dict()))
         handle.remove()
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
@@ -449,11 +445,7 @@ def test_load_installs_the_saved_bases_without_solving(tmp_path, monkeypatch):
     model = _mlp(d=64)
     handle = preserve(model, _data(d=64), method="gate", rank=4, refresh_every=3, progress=False)
     opt = handle.optimizer(torch.optim.SGD, lr=1e-2)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(4):  # past a (warm-started, iterative) refresh
-        model(torch.randn(8, 64, generator=g)).pow(2).sum().backward()
-        opt.step()
-        opt.zero_grad()
+    _train(model, opt, 4, seed=1, d=64)  # past a (warm-started, iterative) refresh
     path = tmp_path / "h.safetensors"
     handle.save(path)
     import rqcore_torch.handle as handle_module
